@@ -1,0 +1,151 @@
+"""Checkpoint directories, written atomically.
+
+A training run writes ``OUT/checkpoints/step-0000500/`` directories, each holding
+
+    model.safetensors   the weights (same key names as the original release where one exists)
+    config.json         the resolved config (see config.py)
+    train_state.pt      optimizer, scaler, step, RNG states ... (only what resume needs)
+
+Each directory is first written under a temporary name and then renamed, so a crash never leaves a
+half-written checkpoint behind. ``resolve_checkpoint(OUT)`` finds the newest complete one, so users can pass
+either the run directory or one step directory wherever a model is expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import load_config, save_config
+from .errors import MageError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+STATE = "train_state.pt"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, WEIGHTS)) and os.path.isfile(os.path.join(path, CONFIG))
+
+
+def step_dirs(run_dir: str) -> list[tuple[int, str]]:
+    """All complete step checkpoints under ``run_dir/checkpoints``, oldest first."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _STEP_RE.match(name)
+        full = os.path.join(root, name)
+        if m and is_checkpoint_dir(full):
+            out.append((int(m.group(1)), full))
+    return sorted(out)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory itself, or the newest one inside a run directory."""
+    if is_checkpoint_dir(path):
+        return path
+    steps = step_dirs(path)
+    if steps:
+        return steps[-1][1]
+    if not os.path.exists(path):
+        raise MageError(f"checkpoint not found: {path}")
+    raise MageError(f"no checkpoint in {path} (expected {WEIGHTS} + {CONFIG}, or checkpoints/step-*/)")
+
+
+def save_checkpoint(path: str, weights: dict[str, torch.Tensor], config: Any,
+                    train_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> str:
+    """Write a checkpoint directory atomically (temp dir + rename). ``extra`` maps file names to JSON-able dicts."""
+    import json
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, os.path.join(tmp, WEIGHTS))
+        save_config(config, os.path.join(tmp, CONFIG))
+        if train_state is not None:
+            torch.save(train_state, os.path.join(tmp, STATE))
+        for name, obj in (extra or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=2)
+        if os.path.exists(path):  # replace an older copy: move it aside first, then swap
+            old = path + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def save_step(run_dir: str, step: int, weights: dict[str, torch.Tensor], config: Any,
+              train_state: dict[str, Any] | None = None, keep_last: int = 2) -> str:
+    """Save ``run_dir/checkpoints/step-{step}`` and prune all but the newest ``keep_last``."""
+    path = save_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{step:07d}"), weights, config, train_state)
+    for _, old in step_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(os.path.join(path, WEIGHTS))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise MageError(f"cannot read weights {os.path.join(path, WEIGHTS)}: {str(e).splitlines()[0]}") from None
+
+
+def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], Any, str]:
+    """(weights, config, resolved dir) of a checkpoint or run directory."""
+    ckpt = resolve_checkpoint(path)
+    return load_weights(ckpt), load_config(os.path.join(ckpt, CONFIG)), ckpt
+
+
+def load_train_state(path: str) -> dict[str, Any]:
+    f = os.path.join(path, STATE)
+    if not os.path.isfile(f):
+        raise MageError(f"{path} has no {STATE}: cannot resume from it")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise MageError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+
+
+def torch_load_official(path: str) -> dict[str, Any]:
+    """``torch.load(..., weights_only=True)`` with a one-line error for missing or corrupt files."""
+    if not os.path.isfile(path):
+        raise MageError(f"file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise MageError(f"cannot load {path} as a PyTorch checkpoint: {str(e).splitlines()[0]}") from None
+    if not isinstance(obj, dict):
+        raise MageError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    return obj
+
+
+def load_strict(model: torch.nn.Module, sd: dict[str, Any], where: str) -> None:
+    """``load_state_dict`` with a one-line MageError for missing, unexpected or mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        more = lambda xs: xs[:3] + (["..."] if len(xs) > 3 else [])  # noqa: E731
+        raise MageError(f"{where}: weights do not fit the model (missing {more(missing)}, unexpected {more(unexpected)})")
+    bad = [k for k in own if own[k].shape != sd[k].shape]
+    if bad:
+        k = bad[0]
+        raise MageError(f"{where}: shape mismatch for {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}")
+    model.load_state_dict(sd)

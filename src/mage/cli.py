@@ -1,0 +1,221 @@
+"""The ``mage`` command line. Each subcommand is a thin wrapper over the Python API.
+
+Errors a user can fix print one line (``mage: error: ...``) and exit 2; set MAGE_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+from .errors import MageError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+
+
+def command(name: str):
+    def wrap(fn):
+        COMMANDS[name] = fn
+        return fn
+    return wrap
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="fashion-mnist | mnist | folder:PATH | synthetic")
+    p.add_argument("--data-dir", default=None, help="where the dataset files are (default: the installed location)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images of each split")
+
+
+def _config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
+    p.add_argument("--preset", default=default_preset, help=f"named config (default {default_preset})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set lr=1e-4 (repeatable)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall-clock time")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    if getattr(args, "max_minutes", None) is not None:
+        out.append(f"max_minutes={args.max_minutes}")
+    if getattr(args, "max_steps", None) is not None:
+        out.append(f"max_steps={args.max_steps}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenizer
+# --------------------------------------------------------------------------------------------------
+@command("train-tokenizer")
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    from .config import apply_overrides, tokenizer_preset
+    from .data import load_dataset
+    from .train_tokenizer import train_tokenizer
+
+    cfg = apply_overrides(tokenizer_preset(args.preset), _overrides(args))
+    train = load_dataset(args.data, "train", cfg.image_size, cfg.data_augment, args.data_dir, cfg.seed, args.limit)
+    val = load_dataset(args.data, "val", cfg.image_size, "none", args.data_dir, cfg.seed,
+                       args.limit if args.limit else 2000)
+    m = train_tokenizer(cfg, train, args.out, val, resume=args.resume)
+    print(f"tokenizer saved to {args.out}: val PSNR {m['psnr']:.2f} dB, codebook usage {m['usage']:.1f}%, "
+          f"perplexity {m['perplexity']:.1f} ({m['step']} steps, {m['train_minutes']:.1f} min)")
+    return 0
+
+
+@command("reconstruct")
+def _reconstruct(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import load_dataset
+    from .train_tokenizer import reconstruction_metrics
+    from .transforms import build_transform, load_image, save_image
+    from .vqgan import VQTokenizer
+
+    if args.input is None and args.data is None:
+        raise MageError("give --input IMG_OR_DIR and/or --data D")
+    tok = VQTokenizer.from_pretrained(args.tokenizer)
+    if args.input is not None:
+        if args.out is None:
+            raise MageError("--out is required with --input")
+        tf = build_transform(tok.config.image_size, train=False, augment="none")
+        files = _image_files(args.input)
+        single = os.path.isfile(args.input)
+        for f in files:
+            x = tf(load_image(f))[None]
+            with torch.no_grad():
+                rec = tok.decode(tok.encode(x)).clamp(0, 1)
+            dst = args.out if single else os.path.join(args.out, os.path.splitext(os.path.relpath(f, args.input))[0] + ".png")
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            save_image(torch.cat([x, rec]) if args.side_by_side else rec[0], dst)
+        print(f"wrote {len(files)} reconstruction(s) to {args.out}")
+    if args.data is not None:
+        ds = load_dataset(args.data, args.split, tok.config.image_size, "none", args.data_dir, 0, args.limit)
+        m = reconstruction_metrics(tok, ds, progress=True)
+        m.update(data=args.data, split=args.split)
+        print(json.dumps(m) if args.json else
+              f"{args.data} {args.split} ({m['images']} images): PSNR {m['psnr']:.2f} dB, codebook usage {m['usage']:.1f}%, "
+              f"perplexity {m['perplexity']:.1f}")
+    return 0
+
+
+def _image_files(path: str) -> list[str]:
+    exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise MageError(f"input not found: {path}")
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(exts))
+    if not files:
+        raise MageError(f"no images (png/jpg/jpeg/webp/bmp) in {path}")
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# MAGE pre-training
+# --------------------------------------------------------------------------------------------------
+@command("cache-tokens")
+def _cache_tokens(args: argparse.Namespace) -> int:
+    from .pretrain import cache_tokens
+
+    path = cache_tokens(args.tokenizer, args.data, args.out, split=args.split, data_dir=args.data_dir,
+                        limit=args.limit, flip=not args.no_flip, batch_size=args.batch_size)
+    print(f"token cache written to {path}")
+    return 0
+
+
+@command("pretrain")
+def _pretrain(args: argparse.Namespace) -> int:
+    from .config import apply_overrides, mage_preset
+    from .pretrain import pretrain
+
+    cfg = apply_overrides(mage_preset(args.preset), _overrides(args))
+    if args.class_conditional:
+        cfg.num_classes = -1  # resolved from the data
+    if args.contrastive:
+        cfg.contrastive_weight = cfg.contrastive_weight or 0.1
+    res = pretrain(cfg, out=args.out, data=args.data, tokenizer=args.tokenizer, cache=args.cache,
+                   data_dir=args.data_dir, limit=args.limit, resume=args.resume, init=args.init)
+    print(f"MAGE saved to {args.out}: step {res['step']}, loss {res['loss']:.4f}, masked-token acc {100 * res['acc']:.2f}%")
+    return 0
+
+
+@command("import-official")
+def _import_official(args: argparse.Namespace) -> int:
+    from .importer import import_official
+
+    rep = import_official(args.mage, args.vqgan, args.out, args.num_heads, args.decoder_num_heads)
+    print(rep)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mage", description="MAGE: masked generative encoder (generation + recognition)")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    p = sub.add_parser("train-tokenizer", help="train a VQGAN tokenizer on a dataset")
+    _data_args(p)
+    _config_args(p, "fmnist-32")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, grids, log)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+
+    p = sub.add_parser("reconstruct", help="encode + decode images with a tokenizer; --data reports PSNR/usage")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or original .ckpt/.pth")
+    p.add_argument("--input", default=None, help="an image or a directory of images")
+    p.add_argument("--out", default=None, help="output image (single input) or directory")
+    p.add_argument("--side-by-side", action="store_true", help="write input and reconstruction together")
+    _data_args(p, required=False)
+    p.add_argument("--split", default="test")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("cache-tokens", help="pre-tokenize a dataset (with horizontal-flip copies)")
+    p.add_argument("--tokenizer", required=True)
+    _data_args(p)
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", required=True, help="cache file (.safetensors)")
+    p.add_argument("--no-flip", action="store_true", help="do not add horizontally flipped copies")
+    p.add_argument("--batch-size", type=int, default=256)
+
+    p = sub.add_parser("pretrain", help="pre-train MAGE by masked token modeling")
+    _data_args(p, required=False)
+    _config_args(p, "fmnist-32")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (needed unless --cache holds everything)")
+    p.add_argument("--cache", default=None, help="token cache from 'mage cache-tokens'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--init", default=None, help="start from these MAGE weights (e.g. to fine-tune a generator)")
+    p.add_argument("--class-conditional", action="store_true", help="learn a class embedding (label dropout for CFG)")
+    p.add_argument("--contrastive", action="store_true", help="MAGE-C: add the InfoNCE loss")
+
+    p = sub.add_parser("import-official", help="convert the released MAGE / VQGAN checkpoints")
+    p.add_argument("--mage", default=None, help="original MAGE .pth ({'model': ...})")
+    p.add_argument("--vqgan", default=None, help="original vqgan_jax_strongaug.ckpt (else taken from the MAGE file)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-heads", type=int, default=None, help="encoder heads (known for the released widths)")
+    p.add_argument("--decoder-num-heads", type=int, default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.cmd](args) or 0
+    except MageError as e:
+        print(f"mage: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mage: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # never a traceback for users; MAGE_DEBUG=1 shows it
+        if os.environ.get("MAGE_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"mage: error: {type(e).__name__}: {msg} (set MAGE_DEBUG=1 for details)", file=sys.stderr)
+        return 1

@@ -1,0 +1,257 @@
+"""Typed configs with named presets, command-line overrides and JSON round trips.
+
+Every trainable thing has one dataclass holding both its architecture and its training recipe, so a
+checkpoint directory carries the single resolved config that made it (``config.json``).
+
+    cfg = tokenizer_preset("fmnist-32")
+    cfg = apply_overrides(cfg, ["lr=2e-4", "channel_mult=1,2,2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import MageError
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer (MaskGIT/MAGE VQGAN)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TokenizerConfig:
+    """VQGAN architecture (MAGE.md 2.2) and its training recipe."""
+
+    # architecture
+    image_size: int = 256
+    in_channels: int = 3
+    base_channels: int = 128                       # ch
+    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # one entry per level; downsample = 2**(levels-1)
+    num_res_blocks: int = 2
+    codebook_size: int = 1024
+    code_dim: int = 256                            # z_channels = embed_dim
+    norm_groups: int = 32
+    dropout: float = 0.0
+    # training
+    data_augment: str = "flip"                     # none | flip | crop-flip (see transforms.build_transform)
+    batch_size: int = 64
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    max_steps: int = 2000
+    max_minutes: float = 0.0                       # 0 = no time limit; else stop after this wall time
+    warmup_steps: int = 100
+    commitment_weight: float = 0.25                # beta of VectorQuantizer2
+    codebook_weight: float = 1.0
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 0.0                 # needs the offline FID Inception weights
+    adversarial_weight: float = 0.1
+    adversarial_start: int = 1000                  # steps of warm-up before the discriminator is used
+    disc_channels: int = 64
+    disc_layers: int = 3
+    dead_code_restart_every: int = 100             # 0 = off; restart codes unused in the last window
+    bf16: bool = True
+    log_every: int = 20
+    sample_every: int = 500                        # reconstruction grid PNG
+    ckpt_every: int = 500
+    seed: int = 0
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size ** 2
+
+
+TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
+    # seconds-long tests
+    "tiny": TokenizerConfig(image_size=16, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1,
+                            codebook_size=32, code_dim=8, norm_groups=4, batch_size=8, max_steps=20,
+                            adversarial_start=10, disc_channels=8, disc_layers=2, log_every=5,
+                            sample_every=10, ckpt_every=10, dead_code_restart_every=5, warmup_steps=2),
+    # the demo: 32x32 Fashion-MNIST, f=4 -> 8x8 = 64 tokens
+    "fmnist-32": TokenizerConfig(image_size=32, base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                                 codebook_size=512, code_dim=32, norm_groups=32, batch_size=64, lr=4e-4,
+                                 max_steps=6000, adversarial_start=3000, data_augment="none",
+                                 disc_channels=32, disc_layers=2),
+    # exactly the original MaskGIT/MAGE tokenizer (vqgan_jax_strongaug.ckpt)
+    "maskgit-256": TokenizerConfig(data_augment="crop-flip", batch_size=32, lr=1e-4, betas=(0.0, 0.99),
+                                   max_steps=1_000_000, adversarial_start=20_000),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# MAGE (encoder-decoder over tokens) and its pre-training recipe
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class MAGEConfig:
+    """MAGE ViT encoder-decoder (MAGE.md 3) and its pre-training recipe (MAGE.md 6)."""
+
+    # token grid and vocabulary (see vocab.py for the layout derived from these)
+    num_tokens: int = 256            # image tokens per image (16x16 for 256 px)
+    codebook_size: int = 1024
+    legacy_vocab: bool = False       # True: the original's 1024 + 1000 + 1 layout, fake class id 1100
+    num_classes: int = 0             # >0: class-conditional (class embedding at position 0)
+    # encoder / decoder
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    decoder_embed_dim: int = 768
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1             # attention probs, projections, MLP, embedding
+    drop_path: float = 0.0
+    # masking (MAGE.md 3.5)
+    mask_ratio_min: float = 0.5      # also the fixed drop ratio
+    mask_ratio_max: float = 1.0
+    mask_ratio_mu: float = 0.55
+    mask_ratio_std: float = 0.25
+    label_smoothing: float = 0.1
+    class_drop_prob: float = 0.1     # label dropout for classifier-free guidance (class-conditional only)
+    # contrastive (MAGE-C)
+    contrastive_weight: float = 0.0  # lambda; 0 = plain MAGE
+    contrastive_temperature: float = 0.2
+    contrastive_dim: int = 256
+    # pre-training recipe
+    batch_size: int = 4096           # global batch, split across ranks
+    blr: float = 1.5e-4              # lr = blr * batch_size / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    epochs: float = 1600
+    warmup_epochs: float = 40
+    max_steps: int = 0               # >0 overrides epochs
+    max_minutes: float = 0.0         # 0 = no wall-clock limit
+    grad_clip: float = 3.0
+    ema_decay: float = 0.0           # 0 = no EMA (the original)
+    bf16: bool = True
+    grad_checkpointing: bool = False
+    data_augment: str = "crop-flip"
+    log_every: int = 20
+    ckpt_every: int = 1000
+    seed: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+
+MAGE_PRESETS: dict[str, MAGEConfig] = {
+    "tiny": MAGEConfig(num_tokens=16, codebook_size=32, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
+                       decoder_depth=1, decoder_num_heads=2, batch_size=8, blr=1e-3, epochs=2, warmup_epochs=0.5,
+                       max_steps=10, data_augment="flip", log_every=2, ckpt_every=5),
+    "fmnist-32": MAGEConfig(num_tokens=64, codebook_size=512, embed_dim=256, depth=6, num_heads=8,
+                            decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, batch_size=128,
+                            blr=1.5e-4 * 8, epochs=40, warmup_epochs=2, data_augment="flip", ckpt_every=500),
+    "vit-b": MAGEConfig(legacy_vocab=True),
+    "vit-l": MAGEConfig(legacy_vocab=True, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024,
+                        decoder_depth=8, decoder_num_heads=16, grad_checkpointing=True),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# presets, overrides, JSON
+# --------------------------------------------------------------------------------------------------
+def _preset(table: dict[str, T], name: str, what: str) -> T:
+    if name not in table:
+        raise MageError(f"unknown {what} preset '{name}' (choose from: {', '.join(table)})")
+    return dataclasses.replace(table[name])
+
+
+def tokenizer_preset(name: str) -> TokenizerConfig:
+    """A fresh copy of a named tokenizer preset."""
+    return _preset(TOKENIZER_PRESETS, name, "tokenizer")
+
+
+def mage_preset(name: str) -> MAGEConfig:
+    """A fresh copy of a named MAGE preset."""
+    return _preset(MAGE_PRESETS, name, "MAGE")
+
+
+def _coerce(value: str, typ: Any, name: str) -> Any:
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if origin is tuple:
+            args = typing.get_args(typ)
+            elem = args[0]
+            return tuple(elem(v) for v in value.replace("(", "").replace(")", "").split(",") if v.strip())
+        return typ(value)
+    except ValueError:
+        raise MageError(f"bad value '{value}' for config field '{name}' (expected {getattr(typ, '__name__', typ)})") from None
+
+
+def apply_overrides(cfg: T, overrides: list[str] | None) -> T:
+    """Return a copy of ``cfg`` with ``key=value`` overrides applied (types follow the dataclass fields)."""
+    if not overrides:
+        return cfg
+    hints = typing.get_type_hints(type(cfg))
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise MageError(f"bad override '{item}': expected key=value")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in hints or key not in {f.name for f in dataclasses.fields(cfg)}:
+            raise MageError(f"unknown config field '{key}' for {type(cfg).__name__}")
+        changes[key] = _coerce(value.strip(), hints[key], key)
+    return dataclasses.replace(cfg, **changes)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return {"type": type(cfg).__name__, **dataclasses.asdict(cfg)}
+
+
+def from_dict(d: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass from ``to_dict`` output (unknown keys are an error)."""
+    kinds = {"TokenizerConfig": TokenizerConfig, "MAGEConfig": MAGEConfig}
+    d = dict(d)
+    kind = kinds.get(d.pop("type", ""))
+    if kind is None:
+        raise MageError("config.json has no known 'type' (expected TokenizerConfig or MAGEConfig)")
+    hints = typing.get_type_hints(kind)
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(d) - names
+    if unknown:
+        raise MageError(f"config.json has unknown fields for {kind.__name__}: {sorted(unknown)}")
+    for k, v in d.items():
+        if typing.get_origin(hints[k]) is tuple and isinstance(v, list):
+            d[k] = tuple(v)
+    return kind(**d)
+
+
+def save_config(cfg: Any, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_config(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return from_dict(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+        raise MageError(f"cannot read config {path}: {e}") from None
+
+

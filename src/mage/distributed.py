@@ -1,0 +1,68 @@
+"""One code path for one CPU process and for ``torchrun`` (DDP: gloo on CPU, nccl on GPU).
+
+    torchrun --standalone --nproc_per_node=2 -m mage pretrain ...
+
+The global batch is fixed and split across ranks; rank 0 logs and saves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed() -> DistInfo:
+    """Initialise the process group when launched by torchrun (env RANK / WORLD_SIZE), else a 1-rank setup."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world == 1:
+        return DistInfo(device=device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if not info.enabled:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / info.world
+
+
+def all_gather_cat(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Concatenate a tensor from every rank along dim 0, keeping the gradient of the local part."""
+    if not info.enabled:
+        return x
+    parts = [torch.zeros_like(x) for _ in range(info.world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[info.rank] = x
+    return torch.cat(parts, 0)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
