@@ -142,12 +142,75 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("demo")
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args.out, budget_minutes=args.budget, fresh=args.fresh, data_dir=args.data_dir)
+    print(f"report: {report}")
+    return 0
+
+
 @command("import-official")
 def _import_official(args: argparse.Namespace) -> int:
     from .importer import import_official
 
     rep = import_official(args.mage, args.vqgan, args.out, args.num_heads, args.decoder_num_heads)
     print(rep)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# generation
+# --------------------------------------------------------------------------------------------------
+def _sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=20, help="decoding iterations (default 20, as the original)")
+    p.add_argument("--temperature", type=float, default=1.0, help="token sampling temperature (default 1)")
+    p.add_argument("--choice-temperature", type=float, default=6.0, help="Gumbel noise on confidences, annealed to 0 (default 6.0)")
+    p.add_argument("--schedule", default="cosine", help="cosine | linear | arccos")
+    p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
+    p.add_argument("--cfg-schedule", default="constant", help="constant | linear")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+
+
+def _sampler(args: argparse.Namespace):
+    from .sampler import SamplerConfig
+
+    s = SamplerConfig(args.steps, args.temperature, args.choice_temperature, args.schedule, args.cfg, args.cfg_schedule)
+    s.check()
+    return s
+
+
+def _write_images(images, out: str, nrow: int | None = None) -> None:
+    from .transforms import save_image
+
+    if out.lower().endswith(".png"):
+        save_image(images, out, nrow=nrow)
+    else:
+        os.makedirs(out, exist_ok=True)
+        for i, im in enumerate(images):
+            save_image(im, os.path.join(out, f"{i:05d}.png"))
+
+
+@command("generate")
+def _generate(args: argparse.Namespace) -> int:
+    from .pipeline import MAGEPipeline
+
+    sampler = _sampler(args)
+    if args.num < 1:
+        raise MageError("--num must be >= 1")
+    pipe = MAGEPipeline.from_pretrained(args.model)
+    if args.classes == "all":
+        images = pipe.generate_per_class(args.num, sampler, args.seed, args.batch_size)
+        nrow = args.num
+    elif args.classes is not None:
+        raise MageError("--classes takes 'all' (use --class C for one class)")
+    else:
+        images = pipe.generate(args.num, args.class_label, sampler, args.seed, args.batch_size)
+        nrow = None
+    _write_images(images, args.out, nrow)
+    print(f"wrote {images.shape[0]} image(s) to {args.out}")
     return 0
 
 
@@ -196,6 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--num-heads", type=int, default=None, help="encoder heads (known for the released widths)")
     p.add_argument("--decoder-num-heads", type=int, default=None)
+
+    p = sub.add_parser("generate", help="sample images from scratch (optionally of a class)")
+    p.add_argument("--model", required=True, help="MAGE run or checkpoint directory")
+    p.add_argument("--num", type=int, default=16, help="images (per class with --classes all)")
+    p.add_argument("--class", dest="class_label", default=None, help="class id or name (class-conditional models)")
+    p.add_argument("--classes", default=None, help="'all': --num images of every class, one row per class")
+    _sampler_args(p)
+    p.add_argument("--out", required=True, help="a .png grid, or a folder of PNGs")
+
+    p = sub.add_parser("demo", help="the main job: train + evaluate on Fashion-MNIST, write a report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--budget", type=float, default=15.0, help="wall-clock minutes for everything (default 15)")
+    p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
+    p.add_argument("--data-dir", default=None)
     return ap
 
 

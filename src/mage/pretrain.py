@@ -30,6 +30,7 @@ from .checkpoint import load_checkpoint, load_train_state, load_weights, resolve
 from .config import MAGEConfig
 from .distributed import DistInfo, all_gather_cat, all_reduce_mean, barrier, init_distributed
 from .errors import MageError
+from .precision import autocast
 from .model import MAGE, masks_from_noise, truncated_normal
 from .vqgan import VQTokenizer
 
@@ -203,8 +204,9 @@ class _Batches:
 
 def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str | None = None, cache: str | None = None,
              data_dir: str | None = None, limit: int | None = None, resume: bool = False, init: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Pre-train MAGE into ``out`` (checkpoints, log.jsonl, curve.png, tokenizer/). Works under torchrun."""
+             progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+    """Pre-train MAGE into ``out`` (checkpoints, log.jsonl, curve.png, tokenizer/). Works under torchrun.
+    ``stop_at`` ends the run early at that step (with a checkpoint), as an interruption would."""
     info = init_distributed()
     dev = info.device
     tc = TokenCache(cache) if cache else None
@@ -247,7 +249,7 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
         if bad or unexpected:
             raise MageError(f"--init {where} does not fit this model (missing {bad[:3]}, unexpected {unexpected[:3]})")
     lr = cfg.blr * cfg.batch_size / 256
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas, foreach=True)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema_decay > 0 else None
     start = 0
     if resume and step_dirs(out):
@@ -280,7 +282,7 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
             pg["lr"] = cur_lr
         tokens, images, labels = batches.get(step, two_views)
         if tokens is None:
-            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.no_grad(), autocast(dev, cfg.bf16):
                 tokens = tok.encode(images.to(dev))
         tokens, labels = tokens.to(dev), labels.to(dev)
         drop, mask = _global_masks(cfg, step, info, tokens.shape[0] // (2 if two_views else 1))
@@ -288,7 +290,7 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
             drop, mask = torch.cat([drop, drop]), torch.cat([mask, mask])
         torch.manual_seed(_seed(cfg.seed, 13, step, info.rank))                    # dropout / label drop
         model.train()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with autocast(dev, cfg.bf16):
             res = ddp(tokens, drop.to(dev), mask.to(dev), labels if cfg.num_classes > 0 else None)
             loss = res["loss"]
             if two_views:
@@ -318,8 +320,8 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
                 log.flush()
                 bar.set_postfix(loss=f"{l:.3f}", acc=f"{100 * a:.1f}%", lr=f"{cur_lr:.2e}", img_s=f"{rec['images_per_s']:.0f}")
         bar.update(1)
-        out_of_time = cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes
-        if out_of_time and info.enabled:  # every rank must agree to stop at the same step
+        out_of_time = (cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes) or step == stop_at
+        if cfg.max_minutes > 0 and info.enabled:  # every rank must agree to stop at the same step
             flag = torch.tensor(1.0 if out_of_time else 0.0)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             out_of_time = bool(flag.item())

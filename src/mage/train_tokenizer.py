@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .checkpoint import load_train_state, save_step, step_dirs
 from .config import TokenizerConfig
 from .data import ImageDataset
+from .precision import autocast
 from .transforms import save_image
 from .vqgan import VQTokenizer
 
@@ -86,7 +87,7 @@ def reconstruction_metrics(tok: VQTokenizer, dataset: ImageDataset, batch_size: 
     total_psnr, seen = 0.0, 0
     for s in tqdm(range(0, n, batch_size), desc="evaluate", disable=not progress, leave=False):
         x = torch.stack([dataset[i][0] for i in range(s, min(n, s + batch_size))])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast("cpu", bf16):
             ids = tok.encode(x)
             rec = tok.decode(ids)
         counts += torch.bincount(ids.flatten(), minlength=counts.numel()).double()
@@ -98,8 +99,20 @@ def reconstruction_metrics(tok: VQTokenizer, dataset: ImageDataset, batch_size: 
             "perplexity": math.exp(ent), "images": seen}
 
 
-def _lr(cfg: TokenizerConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+def _progress(cfg: TokenizerConfig, step: int, elapsed_s: float) -> float:
+    """Fraction of the run done: by steps, or by wall time when ``max_minutes`` ends the run sooner.
+    (A time-limited run is therefore not bit-reproducible; a step-limited one is.)"""
+    frac = step / max(1, cfg.max_steps)
+    if cfg.max_minutes > 0:
+        frac = max(frac, elapsed_s / 60 / cfg.max_minutes)
+    return min(1.0, frac)
+
+
+def _lr(cfg: TokenizerConfig, step: int, progress: float) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak at the end of the run."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _restart_dead_codes(tok: VQTokenizer, usage: torch.Tensor, z: torch.Tensor, g: torch.Generator) -> int:
@@ -115,8 +128,9 @@ def _restart_dead_codes(tok: VQTokenizer, usage: torch.Tensor, z: torch.Tensor, 
 
 
 def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val_set: ImageDataset | None = None,
-                    resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) a tokenizer into ``out``; returns final validation metrics."""
+                    resume: bool = False, progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+    """Train (or resume) a tokenizer into ``out``; returns final validation metrics.
+    ``stop_at`` ends the run early at that step (with a checkpoint), as an interruption would."""
     os.makedirs(os.path.join(out, "samples"), exist_ok=True)
     torch.manual_seed(cfg.seed)
     tok = VQTokenizer(cfg)
@@ -148,12 +162,15 @@ def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val
     while step < cfg.max_steps:
         step, x, _ = next(stream)
         tok.train()
+        frac = _progress(cfg, step, time.time() - t0)
+        cur_lr = _lr(cfg, step, frac)
         for o in (opt_g, opt_d):
             for pg in o.param_groups:
-                pg["lr"] = _lr(cfg, step)
-        use_adv = cfg.adversarial_weight > 0 and step >= cfg.adversarial_start
+                pg["lr"] = cur_lr
+        # the discriminator joins after a warm-up (adversarial_start steps, or that share of the time budget)
+        use_adv = cfg.adversarial_weight > 0 and frac >= cfg.adversarial_start / max(1, cfg.max_steps)
         # ---- generator ----
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with autocast("cpu", cfg.bf16):
             z = tok.encoder(x)
             zq, ids, cb_loss, commit_loss = tok.quantize(z)
             rec = tok.decoder(zq).float()
@@ -168,7 +185,7 @@ def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val
         # ---- discriminator (hinge) ----
         d_loss = torch.zeros(())
         if use_adv:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with autocast("cpu", cfg.bf16):
                 d_loss = F.relu(1 - disc(x).float()).mean() + F.relu(1 + disc(rec.detach()).float()).mean()
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -179,7 +196,7 @@ def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val
         restarted = 0
         if cfg.dead_code_restart_every and step % cfg.dead_code_restart_every == 0:
             used_pct = 100.0 * (usage > 0).float().mean().item()
-            if step < cfg.max_steps * 0.9:  # leave the codebook alone at the very end
+            if frac < 0.9:  # leave the codebook alone at the very end
                 restarted = _restart_dead_codes(tok, usage, z, g)
             usage.zero_()
         else:
@@ -188,12 +205,12 @@ def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val
             p = psnr(rec.detach(), x).mean().item()
             rec_ = {"step": step, "loss": loss.item(), "rec": rec_loss.item(), "commit": commit_loss.item(),
                     "d_loss": d_loss.item(), "psnr": p, "usage": used_pct, "restarted": restarted,
-                    "lr": _lr(cfg, step - 1), "elapsed_s": time.time() - t0}
+                    "lr": cur_lr, "elapsed_s": time.time() - t0}
             log.write(json.dumps(rec_) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{loss.item():.3f}", psnr=f"{p:.1f}", usage=f"{used_pct:.0f}%")
         bar.update(1)
-        out_of_time = cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes
+        out_of_time = (cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes) or step == stop_at
         if step % cfg.sample_every == 0 or step == cfg.max_steps or out_of_time:
             _write_grid(tok, fixed, os.path.join(out, "samples", f"recon-{step:07d}.png"), cfg.bf16)
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps or out_of_time:
@@ -216,6 +233,6 @@ def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val
 def _write_grid(tok: VQTokenizer, x: torch.Tensor, path: str, bf16: bool) -> None:
     """Originals (top rows) above their reconstructions (bottom rows)."""
     tok.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with autocast("cpu", bf16):
         rec = tok.decode(tok.encode(x)).float().clamp(0, 1)
     save_image(torch.cat([x, rec]), path, nrow=min(8, x.shape[0]))

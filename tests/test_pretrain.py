@@ -1,0 +1,125 @@
+"""Pre-training: token cache, CLI, bit-exact resume, DDP equivalence (2 gloo ranks), official import, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mage.checkpoint import save_checkpoint
+from mage.config import mage_preset, tokenizer_preset
+from mage.model import MAGE
+from mage.pretrain import cache_tokens, pretrain
+from mage.vqgan import VQTokenizer
+
+from conftest import rel_err
+from test_tokenizer import ENV, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A (random) tiny tokenizer and a token cache of 64 synthetic images."""
+    root = tmp_path_factory.mktemp("pre")
+    torch.manual_seed(0)
+    tok = VQTokenizer(tokenizer_preset("tiny"))
+    save_checkpoint(str(root / "tok"), tok.state_dict(), tok.config)
+    cache = cache_tokens(str(root / "tok"), "synthetic", str(root / "cache.safetensors"), limit=64, progress=False)
+    return root, str(root / "tok"), cache
+
+
+def _cfg(**kw):
+    cfg = mage_preset("tiny")
+    cfg.max_steps, cfg.log_every, cfg.ckpt_every = 10, 1, 5
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_cache_has_flip_views(tiny_setup):
+    from mage.pretrain import TokenCache
+
+    _, _, cache = tiny_setup
+    tc = TokenCache(cache)
+    assert tc.views.shape == (64, 2, 16) and tc.labels.shape == (64,)
+    assert tc.classes and not torch.equal(tc.views[:, 0], tc.views[:, 1])
+
+
+def test_pretrain_runs_and_learns(tiny_setup, tmp_path):
+    _, tok, cache = tiny_setup
+    cfg = _cfg(max_steps=40, dropout=0.0, blr=4e-3, ckpt_every=40)
+    res = pretrain(cfg, str(tmp_path / "run"), cache=cache, progress=False)
+    log = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    assert len(log) == 40 and res["step"] == 40
+    assert sum(r["loss"] for r in log[-5:]) < sum(r["loss"] for r in log[:5])
+    assert (tmp_path / "run" / "curve.png").is_file()
+    assert (tmp_path / "run" / "tokenizer" / "model.safetensors").is_file()
+    m = MAGE.from_pretrained(str(tmp_path / "run"))
+    assert m.config.num_tokens == 16
+
+
+def test_resume_is_bit_exact(tiny_setup, tmp_path):
+    _, tok, cache = tiny_setup
+    cfg = _cfg()                                   # dropout 0.1 on: its RNG must be restored too
+    pretrain(cfg, str(tmp_path / "a"), cache=cache, progress=False)
+    pretrain(_cfg(), str(tmp_path / "b"), cache=cache, progress=False, stop_at=3)
+    pretrain(_cfg(), str(tmp_path / "b"), cache=cache, progress=False, resume=True)
+    a = MAGE.from_pretrained(str(tmp_path / "a")).state_dict()
+    b = MAGE.from_pretrained(str(tmp_path / "b")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = [json.loads(l)["loss"] for l in open(tmp_path / "a" / "log.jsonl")]
+    lb = [json.loads(l)["loss"] for l in open(tmp_path / "b" / "log.jsonl")]
+    assert la == lb
+
+
+def test_ddp_two_ranks_match_one(tiny_setup, tmp_path):
+    """torchrun with 2 gloo ranks and the same global batch gives the losses of a 1-rank run."""
+    _, tok, cache = tiny_setup
+    common = ["pretrain", "--cache", cache, "--preset", "tiny", "--max-steps", "4",
+              "--set", "dropout=0.0", "--set", "log_every=1", "--set", "batch_size=8"]
+    r1 = run_cli(*common, "--out", str(tmp_path / "one"))
+    assert r1.returncode == 0, r1.stderr
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    port = str(29500 + os.getpid() % 1000)
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
+                         "-m", "mage", *common, "--out", str(tmp_path / "two")],
+                        capture_output=True, text=True, env=env, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    l1 = [json.loads(l)["loss"] for l in open(tmp_path / "one" / "log.jsonl")]
+    l2 = [json.loads(l)["loss"] for l in open(tmp_path / "two" / "log.jsonl")]
+    assert len(l1) == len(l2) == 4
+    assert all(abs(a - b) < 1e-4 * abs(a) for a, b in zip(l1, l2)), (l1, l2)
+
+
+def test_import_official_cli(official_a, expected, tmp_path):
+    r = run_cli("import-official", "--mage", str(official_a / "mage_official.pth"), "--out", str(tmp_path / "imp"),
+                "--num-heads", "4", "--decoder-num-heads", "4")
+    assert r.returncode == 0, r.stderr
+    assert "decoder_pred.weight" in r.stdout                       # legacy keys are listed
+    m = MAGE.from_pretrained(str(tmp_path / "imp"))
+    with torch.no_grad():
+        assert rel_err(m.logits(expected["tokens_in"]), expected["logits"]) < 1e-4
+    tok = VQTokenizer.from_pretrained(str(tmp_path / "imp" / "tokenizer"))
+    assert torch.equal(tok.encode(expected["images"]), expected["vq_indices"])
+
+
+def test_bad_inputs(tiny_setup, tmp_path):
+    root, tok, cache = tiny_setup
+    (tmp_path / "bad.pth").write_bytes(b"\x00garbage")
+    bad_dir = tmp_path / "badckpt"
+    bad_dir.mkdir()
+    (bad_dir / "model.safetensors").write_bytes(b"garbage")
+    (bad_dir / "config.json").write_text(json.dumps({"type": "MAGEConfig"}))
+    cases = [
+        ("import-official", "--mage", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "o1")),
+        ("pretrain", "--cache", cache, "--preset", "fmnist-32", "--out", str(tmp_path / "o2")),   # codebook mismatch
+        ("pretrain", "--cache", cache, "--preset", "nope", "--out", str(tmp_path / "o3")),
+        ("pretrain", "--cache", cache, "--preset", "tiny", "--init", str(bad_dir), "--out", str(tmp_path / "o4")),
+        ("pretrain", "--data", "synthetic", "--tokenizer", str(tmp_path / "missing"), "--preset", "tiny", "--out", str(tmp_path / "o5")),
+    ]
+    for args in cases:
+        r = run_cli(*args)
+        lines = [l for l in r.stderr.strip().splitlines() if l.strip() and "%|" not in l]
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(lines) == 1 and lines[0].startswith("mage: error:"), (args, r.stderr)
