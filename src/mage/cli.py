@@ -142,6 +142,160 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_model(pipe, path: str):
+    """An image file -> [3,S,S] at the model's resolution (same transform as training), plus its original size."""
+    from .transforms import build_transform, load_image
+
+    img = load_image(path)
+    return build_transform(pipe.tokenizer.config.image_size, train=False, augment="none"), img
+
+
+@command("inpaint")
+def _inpaint(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import MAGEPipeline, inpaint
+    from .transforms import load_image, save_image
+
+    sampler = _sampler(args)
+    pipe = MAGEPipeline.from_pretrained(args.model)
+    tf, img = _load_for_model(pipe, args.image)
+    H, W = img.shape[-2:]
+    if (args.mask is None) == (args.box is None):
+        raise MageError("give exactly one of --mask PNG or --box x0,y0,x1,y1")
+    if args.mask is not None:
+        m = load_image(args.mask)
+        if tuple(m.shape[-2:]) != (H, W):
+            raise MageError(f"mask is {m.shape[-1]}x{m.shape[-2]} but the image is {W}x{H}")
+        mask = m.mean(0) > 0.5                                                    # white = regenerate
+    else:
+        try:
+            x0, y0, x1, y1 = (int(v) for v in args.box.split(","))
+        except ValueError:
+            raise MageError(f"bad --box '{args.box}': expected x0,y0,x1,y1 in pixels") from None
+        if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
+            raise MageError(f"box {args.box} is not inside the {W}x{H} image")
+        mask = torch.zeros(H, W, dtype=torch.bool)
+        mask[y0:y1, x0:x1] = True
+    x = tf(img)
+    mk = tf(mask.float()[None].expand(3, -1, -1))[0] > 0                        # same geometry as the image
+    out = inpaint(pipe, x, mk, args.class_label, sampler, args.seed, args.feather)
+    save_image(out, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+@command("outpaint")
+def _outpaint(args: argparse.Namespace) -> int:
+    from .pipeline import MAGEPipeline, outpaint
+    from .transforms import save_image
+
+    sampler = _sampler(args)
+    ext = {"left": 0, "right": 0, "top": 0, "bottom": 0}
+    for part in args.extend.split(","):
+        k, _, v = part.partition("=")
+        if k.strip() not in ext or not v.strip().isdigit():
+            raise MageError(f"bad --extend '{args.extend}': expected e.g. left=8,right=8,top=0,bottom=16")
+        ext[k.strip()] = int(v)
+    pipe = MAGEPipeline.from_pretrained(args.model)
+    tf, img = _load_for_model(pipe, args.image)
+    out = outpaint(pipe, tf(img), class_label=args.class_label, sampler=sampler, seed=args.seed, **ext)
+    save_image(out, args.out)
+    print(f"wrote {args.out} ({out.shape[-1]}x{out.shape[-2]})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# recognition
+# --------------------------------------------------------------------------------------------------
+@command("embed")
+def _embed(args: argparse.Namespace) -> int:
+    from .recognition import embed_dataset, save_features
+
+    r = embed_dataset(args.model, args.data, args.split, args.pool, args.data_dir, args.limit)
+    if args.out.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file({"features": r["features"].contiguous(), "labels": r["labels"]}, args.out,
+                  metadata={"classes": json.dumps(r["classes"])})
+    else:
+        save_features(r, args.out if args.out.endswith(".npz") else args.out + ".npz")
+    print(f"wrote {r['features'].shape[0]} x {r['features'].shape[1]} features to {args.out}")
+    return 0
+
+
+@command("probe")
+def _probe(args: argparse.Namespace) -> int:
+    import torch
+
+    from .recognition import accuracy, cached_features, few_shot, save_classifier, train_probe
+
+    tr = cached_features(args.model, args.data, "train", args.pool, args.data_dir, args.limit)
+    te = cached_features(args.model, args.data, "test", args.pool, args.data_dir, args.limit)
+    if tr["labels"].min() < 0:
+        raise MageError(f"{args.data} has no labels: probing needs a labelled dataset")
+    C = int(tr["labels"].max()) + 1
+    if args.kind == "linear":
+        head = train_probe(tr["features"], tr["labels"], C, epochs=args.epochs, blr=args.blr, batch_size=args.batch_size)
+        with torch.no_grad():
+            logits = head(te["features"])
+        m = {"top1": accuracy(logits, te["labels"], 1)}
+        if C > 5:
+            m["top5"] = accuracy(logits, te["labels"], 5)
+        if args.out and args.model != "pixels":
+            from .vqgan import VQTokenizer
+            size = VQTokenizer.from_pretrained(os.path.join(args.model, "tokenizer")).config.image_size
+            save_classifier(args.out, head, args.model, args.pool, tr["classes"], size, m)
+        print(json.dumps(m) if args.json else
+              f"linear probe on {args.data} test: top-1 {m['top1']:.2f}%" + (f", top-5 {m['top5']:.2f}%" if "top5" in m else "")
+              + (f" (classifier saved to {args.out})" if args.out and args.model != "pixels" else ""))
+    else:
+        shots = [int(s) for s in args.shots.split(",")]
+        r = few_shot(tr["features"], tr["labels"], te["features"], te["labels"], shots, args.draws, args.seed)
+        if args.json:
+            print(json.dumps(r))
+        else:
+            for k, v in r.items():
+                print(f"{k}-shot: logistic regression {v['logreg_mean']:.2f} +- {v['logreg_std']:.2f}%, "
+                      f"cosine prototypes {v['proto_mean']:.2f} +- {v['proto_std']:.2f}%  ({args.draws} draws)")
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "few_shot.json"), "w") as f:
+                json.dump(r, f, indent=2)
+    return 0
+
+
+@command("classify")
+def _classify(args: argparse.Namespace) -> int:
+    from .recognition import Classifier
+    from .transforms import build_transform, load_image
+
+    clf = Classifier(args.classifier)
+    tf = build_transform(clf.meta["image_size"], train=False, augment="none")
+    results = []
+    for path in args.images:
+        x = tf(load_image(path))[None]
+        p = clf.predict(x)[0]
+        top = p.topk(min(args.top, p.numel()))
+        results.append({"image": path, "top": [{"class": clf.classes[i], "prob": float(v)} for v, i in zip(top.values.tolist(), top.indices.tolist())]})
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(r["image"] + ": " + ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"]))
+    return 0
+
+
+@command("bench")
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    rows = run_bench(args.preset.split(","), args.batch_size, args.steps, args.precision.split(","))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -267,6 +421,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, help="'all': --num images of every class, one row per class")
     _sampler_args(p)
     p.add_argument("--out", required=True, help="a .png grid, or a folder of PNGs")
+
+    p = sub.add_parser("inpaint", help="regenerate a region of an image (remove, or replace with --class)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--mask", default=None, help="PNG of the image's size, white = regenerate")
+    p.add_argument("--box", default=None, help="x0,y0,x1,y1 in the image's pixels")
+    p.add_argument("--class", dest="class_label", default=None, help="fill with this class (replace)")
+    p.add_argument("--feather", type=int, default=0, help="soften the paste-back edge inside the mask (pixels)")
+    _sampler_args(p)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("outpaint", help="extend the canvas (uncrop) on any side")
+    p.add_argument("--model", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--extend", required=True, help="left=N,right=N,top=N,bottom=N (pixels at the model's resolution)")
+    p.add_argument("--class", dest="class_label", default=None)
+    _sampler_args(p)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("embed", help="one feature vector per image (mean-pooled encoder output)")
+    p.add_argument("--model", required=True, help="MAGE run directory, or 'pixels'")
+    _data_args(p)
+    p.add_argument("--split", default="train")
+    p.add_argument("--pool", default="mean", help="mean (image tokens, as the original probe) | cls (position 0)")
+    p.add_argument("--out", required=True, help=".npz or .safetensors")
+
+    p = sub.add_parser("probe", help="linear probe or few-shot evaluation on frozen features")
+    p.add_argument("kind", choices=["linear", "few-shot"])
+    p.add_argument("--model", required=True, help="MAGE run directory, or 'pixels' for the raw-pixel baseline")
+    _data_args(p)
+    p.add_argument("--pool", default="mean")
+    p.add_argument("--out", default=None, help="where to save the classifier (linear) / results (few-shot)")
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--blr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shots", default="1,2,5,10")
+    p.add_argument("--draws", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("classify", help="top classes of images with a saved classifier")
+    p.add_argument("--classifier", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bench", help="training-step throughput of presets, fp32 vs bf16 (a benchmark, not a test)")
+    p.add_argument("--preset", default="fmnist-32,vit-b")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--precision", default="fp32,bf16")
+    p.add_argument("--json", default=None, help="also write the rows as JSON")
 
     p = sub.add_parser("demo", help="the main job: train + evaluate on Fashion-MNIST, write a report")
     p.add_argument("--out", default="runs/demo")

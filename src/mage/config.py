@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import MageError
@@ -159,7 +159,7 @@ MAGE_PRESETS: dict[str, MAGEConfig] = {
     # CPU dropout costs ~25% of the step.
     "fmnist-32": MAGEConfig(num_tokens=64, codebook_size=512, embed_dim=192, depth=6, num_heads=6,
                             decoder_embed_dim=192, decoder_depth=3, decoder_num_heads=6, dropout=0.0,
-                            batch_size=128, blr=2e-3, epochs=40, warmup_epochs=0.25, max_minutes=30.0,
+                            batch_size=64, blr=4e-3, epochs=40, warmup_epochs=0.25, max_minutes=30.0,
                             data_augment="flip", ckpt_every=200),
     "vit-b": MAGEConfig(legacy_vocab=True),
     "vit-l": MAGEConfig(legacy_vocab=True, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024,

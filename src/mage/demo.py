@@ -103,7 +103,7 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
 
 
 def write_report(out: str, state: dict[str, Any], configs: dict[str, Any], seconds: float, budget: float) -> str:
-    tok, mage, smp = state.get("tokenizer", {}), state.get("mage", {}), state.get("samples", {})
+    mage, smp = state.get("mage", {}), state.get("samples", {})
     rows = [
         ("Tokenizer test PSNR (dB)", f"{smp.get('test_psnr', float('nan')):.2f}", "goal >= 24"),
         ("Tokenizer codebook usage (%)", f"{smp.get('test_usage', float('nan')):.1f}", "goal >= 90"),
@@ -116,7 +116,7 @@ def write_report(out: str, state: dict[str, Any], configs: dict[str, Any], secon
     images = [("Unconditional samples", "samples_uncond.png"), ("10 samples per class (one row per class)", "samples_per_class.png"),
               ("Tokenizer: test images (top) and reconstructions (bottom)", "reconstructions.png"),
               ("MAGE pre-training curve", "mage_curve.png")]
-    md = [f"# mage demo report\n", f"Fashion-MNIST, `fmnist-32` presets, budget {budget:.0f} min, ran {seconds / 60:.1f} min. {versions}\n",
+    md = ["# mage demo report\n", f"Fashion-MNIST, `fmnist-32` presets, budget {budget:.0f} min, ran {seconds / 60:.1f} min. {versions}\n",
           "| metric | value | note |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     md += ["", "| stage | time |", "|---|---|"] + [f"| {a} | {b} |" for a, b in timings] + [""]
     md += [f"## {t}\n\n![{t}]({f})\n" for t, f in images if os.path.isfile(os.path.join(out, f))]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
 
 import torch
 import torch.nn as nn

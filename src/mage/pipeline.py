@@ -89,3 +89,95 @@ class MAGEPipeline:
             raise MageError("this model is not class-conditional: train it with 'mage pretrain --class-conditional'")
         labels = torch.arange(n).repeat_interleave(per_class)
         return self.decode(self.generate_tokens(len(labels), labels, sampler, seed, batch_size))
+
+
+# --------------------------------------------------------------------------------------------------
+# editing: inpaint / outpaint
+# --------------------------------------------------------------------------------------------------
+def token_mask(pixel_mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """pixel mask [H, W] (True = regenerate) -> token mask [(H/f)*(W/f)]: any overlap masks the token."""
+    m = pixel_mask.float()[None, None]
+    return (torch.nn.functional.max_pool2d(m, factor) > 0).flatten()
+
+
+def _feathered(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Soft version of a {0,1} mask [H, W] that stays exactly 0 outside the mask (so untouched pixels are kept)."""
+    m = mask.float()
+    if radius <= 0:
+        return m
+    k = 2 * radius + 1
+    soft = torch.nn.functional.avg_pool2d(m[None, None], k, stride=1, padding=radius, count_include_pad=False)[0, 0]
+    return soft * m  # inside: ramps up from the edge; outside: 0
+
+
+def _inpaint_tokens(pipe: MAGEPipeline, image: torch.Tensor, pixel_mask: torch.Tensor, label: torch.Tensor | None,
+                    sampler: SamplerConfig, g: torch.Generator) -> torch.Tensor:
+    """image [3,S,S], pixel_mask [S,S] -> generated image [3,S,S] (not composited)."""
+    f = pipe.tokenizer.config.downsample
+    tokens = pipe.tokenizer.encode(image[None])                                  # [1, L]
+    tm = token_mask(pixel_mask, f)
+    tokens[0, tm] = pipe.model.vocab.mask_id
+    out = decode_tokens(pipe.model, tokens, sampler, label, g)
+    return pipe.tokenizer.decode(out)[0].clamp(0, 1)
+
+
+def _check_image(pipe: MAGEPipeline, image: torch.Tensor) -> int:
+    S = pipe.tokenizer.config.image_size
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise MageError(f"expected an image [3, H, W], got {tuple(image.shape)}")
+    return S
+
+
+@torch.no_grad()
+def inpaint(pipe: MAGEPipeline, image: torch.Tensor, mask: torch.Tensor, class_label: str | int | None = None,
+            sampler: SamplerConfig | None = None, seed: int = 0, feather: int = 0) -> torch.Tensor:
+    """Regenerate the masked region of an image at the model's resolution.
+
+    image [3,S,S] in [0,1]; mask [S,S] bool (True = regenerate). Tokens overlapping the mask are masked and
+    re-sampled (optionally conditioned on a class); pixels outside the mask are copied back exactly."""
+    S = _check_image(pipe, image)
+    if tuple(image.shape[-2:]) != (S, S):
+        raise MageError(f"image is {tuple(image.shape[-2:])}, the model works at {S}x{S}: resize it first")
+    if tuple(mask.shape) != (S, S):
+        raise MageError(f"mask is {tuple(mask.shape)}, expected {(S, S)} (the image's size)")
+    if not mask.any():
+        return image.clone()
+    sampler = sampler or SamplerConfig()
+    label = None if class_label is None else torch.tensor([pipe.class_index(class_label)])
+    gen = _inpaint_tokens(pipe, image, mask.bool(), label, sampler, torch.Generator().manual_seed(seed))
+    w = _feathered(mask.bool(), feather)
+    return image * (1 - w) + gen * w
+
+
+@torch.no_grad()
+def outpaint(pipe: MAGEPipeline, image: torch.Tensor, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
+             class_label: str | int | None = None, sampler: SamplerConfig | None = None, seed: int = 0) -> torch.Tensor:
+    """Extend the canvas on any side. Canvases larger than the model's resolution are filled tile by tile
+    (S x S windows with 50% overlap, nearest to the original first); the original pixels are kept exactly."""
+    S = _check_image(pipe, image)
+    if min(left, right, top, bottom) < 0:
+        raise MageError("extensions must be >= 0")
+    _, H, W = image.shape
+    CH, CW = H + top + bottom, W + left + right
+    if CH < S or CW < S:
+        raise MageError(f"the extended canvas {CH}x{CW} is smaller than the model's {S}x{S} tiles")
+    canvas = torch.zeros(3, CH, CW)
+    canvas[:, top:top + H, left:left + W] = image
+    known = torch.zeros(CH, CW, dtype=torch.bool)
+    known[top:top + H, left:left + W] = True
+    f = pipe.tokenizer.config.downsample
+    stride = max(f, (S // 2) // f * f)
+    ys = sorted(set(list(range(0, CH - S + 1, stride)) + [CH - S]))
+    xs = sorted(set(list(range(0, CW - S + 1, stride)) + [CW - S]))
+    cy, cx = top + H / 2, left + W / 2
+    windows = sorted(((y, x) for y in ys for x in xs), key=lambda p: (p[0] + S / 2 - cy) ** 2 + (p[1] + S / 2 - cx) ** 2)
+    sampler = sampler or SamplerConfig()
+    label = None if class_label is None else torch.tensor([pipe.class_index(class_label)])
+    for i, (y, x) in enumerate(windows):
+        unk = ~known[y:y + S, x:x + S]
+        if not unk.any():
+            continue
+        gen = _inpaint_tokens(pipe, canvas[:, y:y + S, x:x + S], unk, label, sampler, torch.Generator().manual_seed(seed + i))
+        canvas[:, y:y + S, x:x + S] = torch.where(unk[None], gen, canvas[:, y:y + S, x:x + S])
+        known[y:y + S, x:x + S] = True
+    return canvas

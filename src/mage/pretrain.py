@@ -277,7 +277,14 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
     step = start
     two_views = cfg.contrastive_weight > 0
     while step < total:
-        cur_lr = lr_at(step, total, warmup, lr, cfg.min_lr)
+        sched_step = step
+        if cfg.max_minutes > 0:  # a time budget: the cosine ends when the budget does (not bit-reproducible)
+            sched_step = max(step, int(total * min(1.0, (time.time() - t0) / 60 / cfg.max_minutes)))
+            if info.enabled:  # every rank must use the same lr
+                t = torch.tensor(float(sched_step))
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+                sched_step = int(t.item())
+        cur_lr = lr_at(step if step < warmup else sched_step, total, warmup, lr, cfg.min_lr)
         for pg in opt.param_groups:
             pg["lr"] = cur_lr
         tokens, images, labels = batches.get(step, two_views)

@@ -1,0 +1,260 @@
+"""Recognition with a pre-trained MAGE: features, linear probe, few-shot, classify (MAGE.md 5).
+
+Features: the image is tokenized (0% masking, nothing dropped), the fake class token prepended, and the
+encoder output after the final norm is mean-pooled over the image tokens (``pool="mean"``, the original's
+``--global_pool``) or taken at position 0 (``pool="cls"``).
+
+Linear probe (the original protocol): frozen features -> LayerNorm (identity, as the original's untrained
+``fc_norm``) -> BatchNorm1d(affine=False) -> Linear, LARS with warm-up + cosine. We train on cached
+features of the un-augmented images (the original re-extracts features of random-resized crops every epoch),
+which makes a probe take seconds instead of hours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .errors import MageError
+
+
+# --------------------------------------------------------------------------------------------------
+# features
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def extract_features(model, tokenizer, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+    """images [B,3,H,W] in [0,1] -> features [B, D]."""
+    tokens = tokenizer.encode(images)
+    h = model.features(tokens)                                                    # [B, 1+L, D]
+    if pool == "mean":
+        return h[:, 1:].mean(1)
+    if pool == "cls":
+        return h[:, 0]
+    raise MageError(f"unknown pool '{pool}' (mean | cls)")
+
+
+def embed_dataset(model_dir: str, data: str, split: str = "train", pool: str = "mean", data_dir: str | None = None,
+                  limit: int | None = None, batch_size: int = 256, progress: bool = True) -> dict[str, Any]:
+    """Features of a dataset split. ``model_dir='pixels'`` gives raw pixels (the baseline)."""
+    from .data import load_dataset
+
+    if model_dir == "pixels":
+        ds = load_dataset(data, split, 32, "none", data_dir, 0, limit)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        feats = x.mean(1).flatten(1) if x.shape[1] == 3 and torch.equal(x[:, 0], x[:, 1]) else x.flatten(1)
+        return {"features": feats, "labels": ds.labels(), "classes": ds.classes}
+    from .pipeline import MAGEPipeline
+
+    pipe = MAGEPipeline.from_pretrained(model_dir)
+    ds = load_dataset(data, split, pipe.tokenizer.config.image_size, "none", data_dir, 0, limit)
+    out = []
+    for s in tqdm(range(0, len(ds), batch_size), desc=f"embed {data}:{split}", disable=not progress, leave=False):
+        x = torch.stack([ds[i][0] for i in range(s, min(len(ds), s + batch_size))])
+        out.append(extract_features(pipe.model, pipe.tokenizer, x, pool))
+    return {"features": torch.cat(out), "labels": ds.labels(), "classes": ds.classes or pipe.classes}
+
+
+def cached_features(model_dir: str, data: str, split: str, pool: str = "mean", data_dir: str | None = None,
+                    limit: int | None = None) -> dict[str, Any]:
+    """``embed_dataset`` cached under MODEL_DIR/features/ (so repeated probes are cheap)."""
+    if model_dir == "pixels":
+        return embed_dataset(model_dir, data, split, pool, data_dir, limit)
+    tag = "".join(c if c.isalnum() else "_" for c in f"{data}-{split}-{pool}-{limit}")
+    path = os.path.join(model_dir, "features", tag + ".npz")
+    if os.path.isfile(path):
+        z = np.load(path, allow_pickle=False)
+        classes = json.loads(str(z["classes"])) if "classes" in z else None
+        return {"features": torch.from_numpy(z["features"]), "labels": torch.from_numpy(z["labels"]), "classes": classes}
+    r = embed_dataset(model_dir, data, split, pool, data_dir, limit)
+    save_features(r, path)
+    return r
+
+
+def save_features(r: dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, features=r["features"].numpy(), labels=r["labels"].numpy(), classes=json.dumps(r["classes"]))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# linear probe
+# --------------------------------------------------------------------------------------------------
+class ProbeHead(nn.Module):
+    """LayerNorm (frozen identity) -> BatchNorm1d(affine=False, eps 1e-6) -> Linear (trunc-normal std 0.01)."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc_norm.requires_grad_(False)
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.bn(self.fc_norm(f)))                              # [B, C]
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (MAE's util/lars.py semantics): no weight decay or trust scaling for params with ndim <= 1."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    pn, un = torch.norm(p), torch.norm(dp)
+                    q = torch.where(pn > 0, torch.where(un > 0, g["trust_coefficient"] * pn / un, torch.ones_like(pn)), torch.ones_like(pn))
+                    dp = dp.mul(q)
+                st = self.state[p]
+                if "mu" not in st:
+                    st["mu"] = torch.zeros_like(p)
+                mu = st["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def train_probe(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int = 90, batch_size: int = 256,
+                blr: float = 0.1, warmup_epochs: int = 10, seed: int = 0, progress: bool = True) -> ProbeHead:
+    """The original's linear-probe recipe on fixed features (lr = blr * batch / 256)."""
+    torch.manual_seed(seed)
+    head = ProbeHead(train_f.shape[1], num_classes)
+    opt = LARS([p for p in head.parameters() if p.requires_grad], lr=0.0)
+    n = train_f.shape[0]
+    steps_per_epoch = max(1, n // batch_size)
+    total, warm = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    lr = blr * batch_size / 256
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    for _ in tqdm(range(epochs), desc="linear probe", disable=not progress, leave=False):
+        perm = torch.randperm(n, generator=g)
+        head.train()
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            cur = lr * step / warm if step < warm else lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+            for pg in opt.param_groups:
+                pg["lr"] = cur
+            loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    return head.eval()
+
+
+@torch.no_grad()
+def accuracy(logits: torch.Tensor, y: torch.Tensor, k: int = 1) -> float:
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return 100.0 * (top == y[:, None]).any(1).float().mean().item()
+
+
+# --------------------------------------------------------------------------------------------------
+# few-shot
+# --------------------------------------------------------------------------------------------------
+def sample_shots(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Indices of exactly k examples per class (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        if idx.numel() < k:
+            raise MageError(f"class {c} has only {idx.numel()} examples, fewer than {k} shots")
+        out.append(idx[torch.randperm(idx.numel(), generator=g)[:k]])
+    return torch.cat(out)
+
+
+def logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-2, iters: int = 200) -> nn.Linear:
+    """Multinomial logistic regression (L-BFGS, L2 penalty) on standardized features."""
+    torch.manual_seed(0)
+    lin = nn.Linear(x.shape[1], num_classes)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(x), y) + weight_decay * lin.weight.pow(2).sum() / 2
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return lin
+
+
+def few_shot(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+             shots: list[int], draws: int = 5, seed: int = 0) -> dict[str, Any]:
+    """For each k: mean/std test accuracy over draws, for logistic regression and cosine prototypes."""
+    C = int(train_y.max()) + 1
+    res: dict[str, Any] = {}
+    for k in shots:
+        lr_accs, proto_accs = [], []
+        for d in range(draws):
+            idx = sample_shots(train_y, k, seed * 1000 + d)
+            xs, ys = train_f[idx].float(), train_y[idx]
+            mu, sd = xs.mean(0), xs.std(0, unbiased=False) + 1e-6
+            lin = logistic_regression((xs - mu) / sd, ys, C)
+            with torch.no_grad():
+                lr_accs.append(accuracy(lin((test_f.float() - mu) / sd), test_y))
+                protos = F.normalize(torch.stack([F.normalize(xs[ys == c] - mu, dim=1).mean(0) for c in range(C)]), dim=1)
+                proto_accs.append(accuracy(F.normalize(test_f.float() - mu, dim=1) @ protos.t(), test_y))
+        res[str(k)] = {"logreg_mean": float(np.mean(lr_accs)), "logreg_std": float(np.std(lr_accs)),
+                       "proto_mean": float(np.mean(proto_accs)), "proto_std": float(np.std(proto_accs))}
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# saved classifiers (for `mage classify`)
+# --------------------------------------------------------------------------------------------------
+def save_classifier(out: str, head: ProbeHead, model_dir: str, pool: str, classes: list[str] | None,
+                    image_size: int, metrics: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(out, "head.safetensors.tmp"))
+    os.replace(os.path.join(out, "head.safetensors.tmp"), os.path.join(out, "head.safetensors"))
+    meta = {"kind": "linear-probe", "model": os.path.abspath(model_dir), "pool": pool, "image_size": image_size,
+            "classes": classes or [str(i) for i in range(head.linear.out_features)], "metrics": metrics}
+    with open(os.path.join(out, "classifier.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+class Classifier:
+    """A saved probe: image -> class probabilities."""
+
+    def __init__(self, path: str):
+        from safetensors.torch import load_file
+
+        from .pipeline import MAGEPipeline
+
+        meta_path = os.path.join(path, "classifier.json")
+        if not os.path.isfile(meta_path):
+            raise MageError(f"no classifier at {path} (expected classifier.json from 'mage probe linear')")
+        self.meta = json.load(open(meta_path))
+        self.pipe = MAGEPipeline.from_pretrained(self.meta["model"])
+        sd = load_file(os.path.join(path, "head.safetensors"))
+        self.head = ProbeHead(sd["linear.weight"].shape[1], sd["linear.weight"].shape[0])
+        self.head.load_state_dict(sd)
+        self.head.eval()
+        self.classes = self.meta["classes"]
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B,3,S,S] (already at the training resolution) -> probabilities [B, C]."""
+        f = extract_features(self.pipe.model, self.pipe.tokenizer, images, self.meta["pool"])
+        return self.head(f).softmax(-1)
