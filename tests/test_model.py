@@ -100,19 +100,18 @@ def test_features_are_deterministic_in_eval_and_dropout_in_train():
 
 def test_overfit_one_batch():
     m = tiny(dropout=0.0)
-    # one batch whose masked tokens are recoverable from the visible ones (row offset + position)
-    tokens = (torch.arange(8)[:, None] * 5 + torch.arange(16)[None]) % 32
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    tokens = torch.randint(0, 32, (8, 16), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     drop, mask, _ = m.sample_masks(8, torch.Generator().manual_seed(0))   # one fixed batch, fixed masks
     first = None
-    for i in range(150):
+    for i in range(200):
         out = m(tokens, drop, mask)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
         first = first or out["loss"].item()
-    assert out["loss"].item() < 0.5 * first
-    assert out["acc"].item() > 0.8
+    assert out["loss"].item() < 0.6 * first          # label smoothing 0.1 puts the floor near 0.65
+    assert out["acc"].item() > 0.9
 
 
 def test_class_conditional_embedding():

@@ -23,9 +23,15 @@ class MAGEPipeline:
             raise MageError("tokenizer and model do not fit (codebook size or token count differ)")
         self.model, self.tokenizer, self.classes = model.eval(), tokenizer.eval(), classes
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     @classmethod
-    def from_pretrained(cls, path: str, tokenizer: str | None = None) -> "MAGEPipeline":
-        model = MAGE.from_pretrained(path)
+    def from_pretrained(cls, path: str, tokenizer: str | None = None, device: str | torch.device | None = None) -> "MAGEPipeline":
+        """Load model + tokenizer (default device: CUDA when available)."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = MAGE.from_pretrained(path, map_location=device)
         tok_path = tokenizer or os.path.join(path, "tokenizer")
         if not os.path.exists(tok_path):
             raise MageError(f"no tokenizer at {tok_path}: pass one explicitly")
@@ -33,7 +39,7 @@ class MAGEPipeline:
         cpath = os.path.join(path, "classes.json")
         if os.path.isfile(cpath):
             classes = json.load(open(cpath))
-        return cls(model, VQTokenizer.from_pretrained(tok_path), classes)
+        return cls(model, VQTokenizer.from_pretrained(tok_path, map_location=device), classes)
 
     # ---- classes ---------------------------------------------------------------------------------
     def class_index(self, name_or_id: str | int) -> int:
@@ -63,14 +69,14 @@ class MAGEPipeline:
         for b, s in enumerate(range(0, num, batch_size)):
             n = min(batch_size, num - s)
             g = torch.Generator().manual_seed(seed + b)
-            start = torch.full((n, self.model.config.num_tokens), self.model.vocab.mask_id)
-            lab = None if labels is None else labels[s:s + n]
+            start = torch.full((n, self.model.config.num_tokens), self.model.vocab.mask_id, device=self.device)
+            lab = None if labels is None else labels[s:s + n].to(self.device)
             out.append(decode_tokens(self.model, start, sampler, lab, g))
         return torch.cat(out)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        return torch.cat([self.tokenizer.decode(tokens[s:s + batch_size]).clamp(0, 1)
+        return torch.cat([self.tokenizer.decode(tokens[s:s + batch_size]).clamp(0, 1).cpu()
                           for s in range(0, tokens.shape[0], batch_size)])
 
     def generate(self, num: int, class_label: str | int | None = None, sampler: SamplerConfig | None = None,
@@ -114,11 +120,11 @@ def _inpaint_tokens(pipe: MAGEPipeline, image: torch.Tensor, pixel_mask: torch.T
                     sampler: SamplerConfig, g: torch.Generator) -> torch.Tensor:
     """image [3,S,S], pixel_mask [S,S] -> generated image [3,S,S] (not composited)."""
     f = pipe.tokenizer.config.downsample
-    tokens = pipe.tokenizer.encode(image[None])                                  # [1, L]
-    tm = token_mask(pixel_mask, f)
+    tokens = pipe.tokenizer.encode(image[None].to(pipe.device))                  # [1, L]
+    tm = token_mask(pixel_mask, f).to(pipe.device)
     tokens[0, tm] = pipe.model.vocab.mask_id
-    out = decode_tokens(pipe.model, tokens, sampler, label, g)
-    return pipe.tokenizer.decode(out)[0].clamp(0, 1)
+    out = decode_tokens(pipe.model, tokens, sampler, None if label is None else label.to(pipe.device), g)
+    return pipe.tokenizer.decode(out)[0].clamp(0, 1).cpu()
 
 
 def _check_image(pipe: MAGEPipeline, image: torch.Tensor) -> int:

@@ -84,13 +84,13 @@ def decode_tokens(model: MAGE, tokens: torch.Tensor, cfg: SamplerConfig, labels:
         draw = (logp.double() + _gumbel((B, L, K), generator, dev)).argmax(-1)
         sampled = torch.where(unknown, draw, ids)
         # how many stay masked after this step
-        n_mask = torch.floor(unknown0 * SCHEDULES[cfg.schedule](r))
+        n_mask = torch.floor(unknown0 * SCHEDULES[cfg.schedule](r))            # [B, 1] (on dev)
         n_unknown = unknown.sum(1, keepdim=True).float()
         n_mask = torch.maximum(torch.ones_like(n_mask), torch.minimum(n_unknown - 1, n_mask)).long()  # [B, 1]
         conf = torch.gather(logp, -1, sampled.unsqueeze(-1)).squeeze(-1).double()  # [B, L]
         conf = torch.where(unknown, conf, torch.full_like(conf, math.inf))
         conf = conf + cfg.choice_temperature * (1 - r) * _gumbel((B, L), generator, dev).double()
-        cutoff = torch.gather(conf.sort(dim=1).values, 1, n_mask - 1)           # [B, 1]
+        cutoff = torch.gather(conf.sort(dim=1).values, 1, (n_mask - 1).to(dev))           # [B, 1]
         remask = (conf <= cutoff) & unknown & (n_unknown > 0)
         ids = torch.where(remask, torch.full_like(sampled, mask_id), sampled)
         if trace is not None:
