@@ -235,7 +235,8 @@ def _probe(args: argparse.Namespace) -> int:
         raise MageError(f"{args.data} has no labels: probing needs a labelled dataset")
     C = int(tr["labels"].max()) + 1
     if args.kind == "linear":
-        head = train_probe(tr["features"], tr["labels"], C, epochs=args.epochs, blr=args.blr, batch_size=args.batch_size)
+        head = train_probe(tr["features"], tr["labels"], C, epochs=args.epochs, blr=args.blr, batch_size=args.batch_size,
+                           optimizer=args.optimizer)
         with torch.no_grad():
             logits = head(te["features"])
         m = {"top1": accuracy(logits, te["labels"], 1)}
@@ -455,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to save the classifier (linear) / results (few-shot)")
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--blr", type=float, default=0.1)
+    p.add_argument("--optimizer", default="sgd", help="sgd (default) | lars (the original's, for batch 4096)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shots", default="1,2,5,10")
     p.add_argument("--draws", type=int, default=5)

@@ -181,14 +181,17 @@ class _Batches:
     def get(self, step: int, two_views: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """(tokens [b, L] or None, images [b,3,H,W] or None, labels); with two_views the batch is doubled."""
         idx = self.indices(step)
-        g = torch.Generator().manual_seed(_seed(self.cfg.seed, 11, step, self.info.rank))
+        # view choices are drawn for the whole global batch, then sliced: 1 rank == N ranks
+        g = torch.Generator().manual_seed(_seed(self.cfg.seed, 11, step))
+        B, b = self.cfg.batch_size, len(idx)
+        rows = slice(self.info.rank * b, (self.info.rank + 1) * b)
         if self.cache is not None:
             V = self.cache.views.shape[1]
-            va = torch.randint(0, V, (len(idx),), generator=g)
+            va = torch.randint(0, V, (B,), generator=g)[rows]
             tok = self.cache.views[idx, va]
             labels = self.cache.labels[idx]
             if two_views:
-                vb = (va + torch.randint(1, max(V, 2), (len(idx),), generator=g)) % V if V > 1 else va
+                vb = (va + torch.randint(1, max(V, 2), (B,), generator=g)[rows]) % V if V > 1 else va
                 tok = torch.cat([tok, self.cache.views[idx, vb]])
                 labels = torch.cat([labels, labels])
             return tok, None, labels
