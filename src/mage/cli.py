@@ -102,12 +102,16 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _image_files(path: str) -> list[str]:
-    exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+    """One image file, or every image under a directory (the same scan as folder datasets)."""
+    from pathlib import Path
+
+    from .data import _scan_images
+
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise MageError(f"input not found: {path}")
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(exts))
+    files = [os.path.join(path, rel) for rel in _scan_images(Path(path))]
     if not files:
         raise MageError(f"no images (png/jpg/jpeg/webp/bmp) in {path}")
     return files

@@ -31,7 +31,7 @@ from .config import MAGEConfig
 from .distributed import DistInfo, all_gather_cat, all_reduce_mean, barrier, init_distributed
 from .errors import MageError
 from .precision import autocast
-from .model import MAGE, masks_from_noise, truncated_normal
+from .model import MAGE
 from .vqgan import VQTokenizer
 
 
@@ -295,7 +295,7 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
             with torch.no_grad(), autocast(dev, cfg.bf16):
                 tokens = tok.encode(images.to(dev))
         tokens, labels = tokens.to(dev), labels.to(dev)
-        drop, mask = _global_masks(cfg, step, info, tokens.shape[0] // (2 if two_views else 1))
+        drop, mask = _global_masks(model, step, info, tokens.shape[0] // (2 if two_views else 1))
         if two_views:
             drop, mask = torch.cat([drop, drop]), torch.cat([mask, mask])
         torch.manual_seed(_seed(cfg.seed, 13, step, info.rank))                    # dropout / label drop
@@ -350,10 +350,9 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
     return {"step": step, **last, "minutes": (time.time() - t0) / 60}
 
 
-def _global_masks(cfg: MAGEConfig, step: int, info: DistInfo, b_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _global_masks(model: MAGE, step: int, info: DistInfo, b_local: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw the ratio and noise for the whole global batch from (seed, step); return this rank's rows."""
-    g = torch.Generator().manual_seed(_seed(cfg.seed, 17, step))
-    L = cfg.num_tokens
-    ratio = truncated_normal(cfg.mask_ratio_mu, cfg.mask_ratio_std, cfg.mask_ratio_min, cfg.mask_ratio_max, g)
-    noise = torch.rand(cfg.batch_size, L, generator=g)[info.rank * b_local:(info.rank + 1) * b_local]
-    return masks_from_noise(noise, math.ceil(L * cfg.mask_ratio_min), math.ceil(L * ratio))
+    g = torch.Generator().manual_seed(_seed(model.config.seed, 17, step))
+    drop, mask, _ = model.sample_masks(model.config.batch_size, g)
+    rows = slice(info.rank * b_local, (info.rank + 1) * b_local)
+    return drop[rows], mask[rows]
