@@ -91,6 +91,17 @@ def save_checkpoint(path: str, weights: dict[str, torch.Tensor], config: Any,
     return path
 
 
+def atomic_write_json(path: str, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file + rename (never a half-written file)."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
 def save_step(run_dir: str, step: int, weights: dict[str, torch.Tensor], config: Any,
               train_state: dict[str, Any] | None = None, keep_last: int = 2) -> str:
     """Save ``run_dir/checkpoints/step-{step}`` and prune all but the newest ``keep_last``."""

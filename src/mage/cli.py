@@ -310,6 +310,37 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("evaluate")
+def _evaluate(args: argparse.Namespace) -> int:
+    from . import evaluate as ev
+
+    if args.kind == "train-judge":
+        if not args.out:
+            raise MageError("train-judge needs --out DIR")
+        m = ev.train_judge(args.data, args.out, epochs=args.epochs, width=args.width, batch_size=args.batch_size,
+                           max_minutes=args.max_minutes,
+                           data_dir=args.data_dir, seed=args.seed)
+        print(json.dumps(m) if args.json else
+              f"judge trained on {args.data}: test accuracy {m['test_accuracy']:.2f}% ({m['steps']} steps, {m['seconds']:.0f} s) -> {args.out}")
+        return 0
+    if args.kind == "agreement":
+        if not args.model or not args.judge:
+            raise MageError("agreement needs --model DIR and --judge DIR")
+        r = ev.class_agreement(args.model, args.judge, args.per_class, _sampler(args), args.seed, args.batch_size, args.grid)
+        line = (f"class agreement {r['agreement']:.2f}% over {r['num']} samples ({args.per_class} per class, "
+                f"cfg {args.cfg}, {args.steps} steps) | judge test accuracy {r['judge_test_accuracy']:.2f}%")
+    else:
+        r = ev.evaluate_fid(args.model, args.data, args.num, args.class_conditional, _sampler(args), args.seed, args.features,
+                            args.ref_split, args.ref_num, args.ref_stats, args.ref_dir, args.images, args.images_split,
+                            args.data_dir, args.batch_size)
+        line = ev.fid_line(r)
+    if args.out:
+        from .checkpoint import atomic_write_json
+        atomic_write_json(args.out, r)
+    print(json.dumps(r) if args.json else line)
+    return 0
+
+
 @command("import-official")
 def _import_official(args: argparse.Namespace) -> int:
     from .importer import import_official
@@ -479,6 +510,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--precision", default="fp32,bf16")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
+
+    p = sub.add_parser("evaluate", help="FID / KID / precision-recall, FID-like score, class agreement, judge training")
+    p.add_argument("kind", choices=["fid", "agreement", "train-judge"])
+    p.add_argument("--model", default=None, help="MAGE run directory whose samples are scored")
+    p.add_argument("--images", default=None, help="fid: score a real image set instead of a model (dataset spec; the floor)")
+    p.add_argument("--images-split", default="train")
+    _data_args(p, required=False)
+    p.add_argument("--num", type=int, default=5000, help="fid: generated (or --images) count (default 5000)")
+    p.add_argument("--class-conditional", action="store_true", help="fid: sample classes in turn (balanced)")
+    p.add_argument("--features", default="inception", help="inception (FID) | judge:DIR (FID-like, labelled so)")
+    p.add_argument("--ref-split", default="test", help="fid: reference split of --data (default test)")
+    p.add_argument("--ref-num", type=int, default=None, help="fid: reference images (default --num)")
+    p.add_argument("--ref-stats", default=None, help="fid: precomputed .npz with mu and sigma (e.g. ADM ImageNet 256)")
+    p.add_argument("--ref-dir", default=None, help="fid: a folder of reference images (e.g. ImageNet val as PNG)")
+    p.add_argument("--judge", default=None, help="agreement: judge directory from 'mage evaluate train-judge'")
+    p.add_argument("--per-class", type=int, default=100, help="agreement: samples per class (default 100)")
+    p.add_argument("--grid", default=None, help="agreement: also save 10 samples per class as this PNG")
+    p.add_argument("--epochs", type=float, default=4, help="train-judge: epochs (default 4)")
+    p.add_argument("--width", type=int, default=32, help="train-judge: channels of the first stage (default 32)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="train-judge: wall-clock limit (0 = none)")
+    _sampler_args(p)
+    p.add_argument("--out", default=None, help="fid/agreement: JSON file; train-judge: judge directory")
+    p.add_argument("--json", action="store_true", help="print the full JSON instead of one line")
 
     p = sub.add_parser("demo", help="the main job: train + evaluate on Fashion-MNIST, write a report")
     p.add_argument("--out", default="runs/demo")

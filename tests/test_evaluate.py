@@ -1,0 +1,135 @@
+"""Evaluation: the Frechet distance, KID/PR sanity, the Inception features, the judge, agreement + FID CLIs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from mage.checkpoint import save_checkpoint
+from mage.config import mage_preset, tokenizer_preset
+from mage.data import load_dataset
+from mage.evaluate import (Judge, compute_features, frechet_distance, gaussian_stats, kernel_inception_distance,
+                           precision_recall)
+from mage.model import MAGE
+from mage.vqgan import VQTokenizer
+
+from test_tokenizer import run_cli
+
+
+def _random_gaussian(rng, d):
+    a = rng.standard_normal((d, d))
+    return rng.standard_normal(d), a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_matches_scipy():
+    rng = np.random.default_rng(0)
+    for d in (4, 32):
+        mu1, s1 = _random_gaussian(rng, d)
+        mu2, s2 = _random_gaussian(rng, d)
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real
+        direct = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+        assert abs(frechet_distance(mu1, s1, mu2, s2) - direct) < 1e-6 * max(1.0, abs(direct))
+        assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-8
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    ds = load_dataset("synthetic", "test", 16, "none", None, 0, 200)
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+def test_fid_zero_on_itself_and_monotonic_in_noise(shapes):
+    torch.manual_seed(0)
+    net = Judge(4, width=8).eval()                                   # a fixed random CNN is enough here
+    feats = lambda x: compute_features(net.features, [x[s:s + 50] for s in range(0, len(x), 50)], progress=False)
+    ref = feats(shapes)
+    mu, s = gaussian_stats(ref)
+    assert abs(frechet_distance(mu, s, *gaussian_stats(feats(shapes)))) < 1e-6
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(shapes.shape, generator=g)
+    scores = [frechet_distance(mu, s, *gaussian_stats(feats((shapes + sigma * noise).clamp(0, 1))))
+              for sigma in (0.02, 0.05, 0.1, 0.2, 0.4)]
+    assert all(a < b for a, b in zip(scores, scores[1:])), scores
+    kid, _ = kernel_inception_distance(ref, ref, subsets=5, subset_size=100)
+    kid_noisy, _ = kernel_inception_distance(ref, feats((shapes + 0.4 * noise).clamp(0, 1)), subsets=5, subset_size=100)
+    assert abs(kid) < kid_noisy
+    p, r = precision_recall(ref, ref)
+    assert p == 1.0 and r == 1.0
+
+
+def test_inception_features_and_quantisation():
+    from mage.evaluate import InceptionFeatures, inception_path
+
+    try:
+        inception_path()
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("MAGE_REQUIRE_FIXTURES"):
+            raise
+        pytest.skip(str(e))
+    net = InceptionFeatures()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    f = net(x)
+    assert f.shape == (2, 2048) and torch.isfinite(f).all()
+    # values within the same uint8 level give the same features (the PNG quantisation is applied first)
+    x8 = (x * 255).round() / 255
+    assert torch.equal(net(x8 + 0.2 / 255), net(x8))
+    assert not torch.allclose(f[0], f[1])
+
+
+@pytest.fixture(scope="module")
+def judge_and_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    judge = root / "judge"
+    r = run_cli("evaluate", "train-judge", "--data", "synthetic:1000", "--epochs", "8", "--width", "16", "--batch-size", "32", "--out", str(judge))
+    assert r.returncode == 0, r.stderr
+    torch.manual_seed(0)
+    cfg = mage_preset("tiny")
+    cfg.num_classes = 4
+    m = MAGE(cfg)
+    d = root / "m"
+    save_checkpoint(str(d), m.state_dict(), m.config)
+    tok = VQTokenizer(tokenizer_preset("tiny"))
+    save_checkpoint(str(d / "tokenizer"), tok.state_dict(), tok.config)
+    return judge, d, r.stdout
+
+
+def test_judge_learns(judge_and_model):
+    judge, _, out = judge_and_model
+    meta = json.loads((judge / "judge.json").read_text())
+    assert meta["test_accuracy"] > 50, meta                         # 4 shapes: chance is 25%
+    assert "test accuracy" in out
+
+
+def test_agreement_and_fid_cli(judge_and_model, tmp_path):
+    judge, model, _ = judge_and_model
+    out = tmp_path / "agree.json"
+    r = run_cli("evaluate", "agreement", "--model", str(model), "--judge", str(judge), "--per-class", "3", "--steps", "2",
+                "--out", str(out), "--grid", str(tmp_path / "g.png"))
+    assert r.returncode == 0, r.stderr
+    a = json.loads(out.read_text())
+    assert a["num"] == 12 and 0 <= a["agreement"] <= 100 and sum(map(sum, a["confusion"])) == 12
+    assert (tmp_path / "g.png").is_file() and "class agreement" in r.stdout
+    r = run_cli("evaluate", "fid", "--model", str(model), "--data", "synthetic", "--num", "20", "--steps", "2",
+                "--features", f"judge:{judge}", "--class-conditional", "--batch-size", "8", "--out", str(tmp_path / "f.json"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("FID-like (judge)") and "20 samples" in r.stdout, r.stdout
+    f = json.loads((tmp_path / "f.json").read_text())
+    assert f["fid"] > 0 and f["generated"]["num"] == 20 and f["reference"]["num"] == 20
+    # the floor: real images against real images
+    r = run_cli("evaluate", "fid", "--images", "synthetic", "--data", "synthetic", "--num", "100", "--features", f"judge:{judge}")
+    assert r.returncode == 0 and "real images" in r.stdout, r.stderr
+
+
+def test_evaluate_bad_inputs(judge_and_model, tmp_path):
+    judge, model, _ = judge_and_model
+    r = run_cli("evaluate", "agreement", "--model", str(model), "--judge", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "no judge" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros(3))
+    r = run_cli("evaluate", "fid", "--model", str(model), "--ref-stats", str(bad), "--num", "4", "--features", f"judge:{judge}")
+    assert r.returncode == 2 and "mu" in r.stderr
+    r = run_cli("evaluate", "fid", "--model", str(model), "--images", "synthetic", "--features", f"judge:{judge}")
+    assert r.returncode == 2 and "exactly one" in r.stderr
