@@ -70,3 +70,69 @@ def test_probe_cli_classify_round_trip(tiny_setup, tmp_path):  # noqa: F811
     (tmp_path / "bad.png").write_text("nope")
     r = run_cli("classify", "--classifier", str(tmp_path / "clf"), str(tmp_path / "bad.png"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# fine-tuning
+# --------------------------------------------------------------------------------------------------
+def _pretrained(tiny_setup, tmp_path):  # noqa: F811
+    _, _, cache = tiny_setup
+    cfg = mage_preset("tiny")
+    cfg.max_steps = 4
+    pretrain(cfg, str(tmp_path / "m"), cache=cache, progress=False)
+    return str(tmp_path / "m"), cache
+
+
+def test_layer_decay_and_pretrained_weights(tiny_setup, tmp_path):  # noqa: F811
+    from mage.finetune import MAGEClassifier, layer_decay_groups
+
+    model_dir, _ = _pretrained(tiny_setup, tmp_path)
+    w, cfg, _ = load_checkpoint(model_dir)
+    m = MAGEClassifier(cfg, 4, drop_path=0.1)
+    m.load_pretrained(w, model_dir)
+    assert torch.equal(m.blocks[1].mlp.fc2.weight, w["blocks.1.mlp.fc2.weight"])
+    assert torch.equal(m.token_emb.word_embeddings.weight, w["token_emb.word_embeddings.weight"])
+    groups = layer_decay_groups(m, 0.05, 0.5)
+    scale = {n: g["lr_scale"] for g in groups for p in g["params"] for n, q in m.named_parameters() if q is p}
+    depth = cfg.depth
+    assert scale["token_emb.word_embeddings.weight"] == 0.5 ** (depth + 1)
+    assert scale["blocks.0.attn.qkv.weight"] == 0.5 ** depth and scale["head.weight"] == 1.0
+    wd = {n: g["weight_decay"] for g in groups for p in g["params"] for n, q in m.named_parameters() if q is p}
+    assert wd["head.bias"] == 0.0 and wd["fc_norm.weight"] == 0.0 and wd["head.weight"] == 0.05
+
+
+def test_finetune_trains_encoder_resumes_and_classifies(tiny_setup, tmp_path):  # noqa: F811
+    from mage.checkpoint import load_weights, step_dirs
+    from mage.config import finetune_preset
+    from mage.finetune import finetune
+
+    model_dir, cache = _pretrained(tiny_setup, tmp_path)
+    cfg = finetune_preset("tiny")
+    cfg.max_steps, cfg.ckpt_every = 6, 3
+    r = finetune(cfg, model_dir, str(tmp_path / "ft"), data="synthetic", cache=cache, progress=False)
+    assert r["step"] == 6 and 0 <= r["top1"] <= 100
+    pre, _, _ = load_checkpoint(model_dir)
+    ft = load_weights(step_dirs(str(tmp_path / "ft"))[-1][1])
+    assert not torch.equal(pre["blocks.0.attn.qkv.weight"], ft["blocks.0.attn.qkv.weight"])   # the encoder trains
+    # interrupted at step 3, resumed: the same weights as the straight run
+    finetune(cfg, model_dir, str(tmp_path / "ft2"), data="synthetic", cache=cache, progress=False, stop_at=3)
+    finetune(cfg, model_dir, str(tmp_path / "ft2"), data="synthetic", cache=cache, progress=False, resume=True)
+    ft2 = load_weights(step_dirs(str(tmp_path / "ft2"))[-1][1])
+    assert all(torch.equal(ft[k], ft2[k]) for k in ft)
+    from mage.data import load_dataset
+    from mage.transforms import save_image
+    save_image(load_dataset("synthetic", "test", 16, limit=1)[0][0], str(tmp_path / "t.png"))
+    res = run_cli("classify", "--classifier", str(tmp_path / "ft"), str(tmp_path / "t.png"), "--json")
+    assert res.returncode == 0, res.stderr
+    top = json.loads(res.stdout)[0]["top"]
+    assert top[0]["class"] in ("circle", "square", "triangle", "cross")
+
+
+def test_finetune_cli(tiny_setup, tmp_path):  # noqa: F811
+    model_dir, _ = _pretrained(tiny_setup, tmp_path)
+    r = run_cli("finetune", "--model", model_dir, "--data", "synthetic", "--limit", "32", "--preset", "tiny",
+                "--set", "max_steps=3", "--out", str(tmp_path / "ft"))
+    assert r.returncode == 0, r.stderr
+    assert "test top-1" in r.stdout
+    r = run_cli("finetune", "--model", str(tmp_path / "nope"), "--data", "synthetic", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr

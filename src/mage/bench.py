@@ -1,58 +1,303 @@
-"""``mage bench``: pre-training step throughput (images/s) of a preset, fp32 vs bf16, in one run.
+"""``mage bench``: throughput, memory, FLOPs and MFU of the main workloads, in one run (a benchmark, not a test).
 
-Tokens are random (a cached-token step: the tokenizer is not in the loop). Timings on a shared machine vary
-run to run: compare the rows of one run, not numbers across runs.
+Workloads, for each preset (MAGE preset + its tokenizer: fmnist-32 + fmnist-32, vit-b/vit-l + maskgit-256):
+  train      one pre-training step on cached tokens (forward, backward, AdamW)
+  train+tok  the same step with the frozen VQGAN encoding the images inside the step (the original's way)
+  gen-S      generation from scratch: S decoding steps + VQGAN decode (S from --gen-steps)
+  encode     VQGAN encode;  decode  VQGAN decode
+Weights are random (the cost does not depend on them). Each workload runs in a fresh subprocess so its peak
+memory (max RSS on CPU; max allocated on CUDA) is its own.
+
+FLOPs are counted from the layer shapes of one real forward pass (forward hooks): 2*in*out per token for
+every Linear, 2*Cin*Cout*k*k/groups per output pixel for every Conv2d, 4*N^2*D for attention (QK^T and AV)
+and 2*N*D*V for the tied output head; norms, activations, embeddings and the sampler's sorting are not
+counted. A training step counts 3x its forward (backward ~ 2x forward). MFU = achieved FLOP/s / the
+machine's own matmul peak measured in the same run (large square matmuls, fp32 and bf16).
+
+``--baseline`` also runs every workload the way the original code does (fp32, explicit-softmax attention,
+eager) and prints our speed-up as a ratio from the same run. Timings on a shared machine vary run to run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import os
+import resource
 import time
+from typing import Any
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from .config import mage_preset
-from .model import MAGE
+from .config import mage_preset, tokenizer_preset
+from .errors import MageError
+
+TOKENIZER_FOR = {"tiny": "tiny", "fmnist-32": "fmnist-32", "vit-b": "maskgit-256", "vit-l": "maskgit-256"}
 
 
-def train_step_throughput(preset: str, batch_size: int, steps: int = 3, bf16: bool = False, warmup: int = 1) -> float:
-    """Images/s of full training steps (forward, backward, AdamW) on random tokens."""
-    cfg = mage_preset(preset)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model = MAGE(cfg).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=cfg.betas, foreach=True)
-    tokens = torch.randint(0, cfg.codebook_size, (batch_size, cfg.num_tokens), device=dev)
-    g = torch.Generator().manual_seed(0)
-    t0 = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        drop, mask, _ = model.sample_masks(batch_size, g, dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(tokens, drop, mask)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+# --------------------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def count_flops():
+    """Counts forward FLOPs of Linear / Conv2d / attention / tied-head layers run inside the block: yields a dict."""
+    from .model import Attention, MlmHead
+
+    total = {"flops": 0.0}
+    hooks = []
+
+    def linear(m, inp, out):
+        total["flops"] += 2.0 * m.in_features * m.out_features * inp[0].numel() / m.in_features
+
+    def conv(m, inp, out):
+        k = m.kernel_size[0] * m.kernel_size[1]
+        total["flops"] += 2.0 * m.in_channels // m.groups * k * out.numel()
+
+    def attention(m, inp, out):
+        B, N, C = inp[0].shape
+        total["flops"] += 4.0 * B * N * N * C
+
+    def head(m, inp, out):
+        total["flops"] += 2.0 * out.numel() * m.fc.out_features
+
+    for mod in list(_live_modules):
+        for m in mod.modules():
+            if isinstance(m, nn.Linear):
+                hooks.append(m.register_forward_hook(linear))
+            elif isinstance(m, nn.Conv2d):
+                hooks.append(m.register_forward_hook(conv))
+            elif isinstance(m, Attention):
+                hooks.append(m.register_forward_hook(attention))
+            elif isinstance(m, MlmHead):
+                hooks.append(m.register_forward_hook(head))
+    try:
+        yield total
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+_live_modules: list[nn.Module] = []
+
+
+# --------------------------------------------------------------------------------------------------
+# the original's way (baseline)
+# --------------------------------------------------------------------------------------------------
+def _explicit_attention(self, x: torch.Tensor) -> torch.Tensor:
+    """The original's attention: q k^T * scale -> softmax -> @ v, materialising the attention matrix."""
+    B, N, C = x.shape
+    qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    attn = (q @ k.transpose(-2, -1)) * (C // self.num_heads) ** -0.5
+    x = attn.softmax(dim=-1) @ v
+    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+@contextlib.contextmanager
+def original_mode(enabled: bool):
+    from .model import Attention
+
+    if not enabled:
+        yield
+        return
+    fast = Attention.forward
+    Attention.forward = _explicit_attention
+    try:
+        yield
+    finally:
+        Attention.forward = fast
+
+
+# --------------------------------------------------------------------------------------------------
+# workloads
+# --------------------------------------------------------------------------------------------------
+def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return batch_size * steps / (time.perf_counter() - t0)
 
 
-def run_bench(presets: list[str], batch_size: int, steps: int, precisions: list[str]) -> list[dict]:
+def _timed(fn, dev: torch.device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(dev)
+    return (time.perf_counter() - t0) / repeats
+
+
+def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, repeats: int = 2) -> dict[str, Any]:
+    """Seconds per call and forward FLOPs per image of one workload (in this process)."""
+    from .model import MAGE
+    from .sampler import SamplerConfig, decode_tokens
+    from .vqgan import VQTokenizer
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mcfg, tcfg = mage_preset(preset), tokenizer_preset(TOKENIZER_FOR[preset])
+    mcfg.codebook_size, mcfg.num_tokens = tcfg.codebook_size, tcfg.num_tokens
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, tcfg.image_size, tcfg.image_size, generator=g).to(dev)
+    ac = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    tok = VQTokenizer(tcfg).to(dev).eval()
+    _live_modules[:] = [tok]
+    flops_per_image = 0.0
+    with original_mode(baseline):
+        if workload in ("encode", "decode"):
+            with torch.no_grad(), ac:
+                ids = tok.encode(images)
+            fn = (lambda: tok.encode(images)) if workload == "encode" else (lambda: tok.decode(ids))
+            with torch.no_grad(), ac, count_flops() as c:
+                fn()
+            flops_per_image = c["flops"] / batch
+
+            def run():
+                with torch.no_grad(), ac:
+                    fn()
+        else:
+            model = MAGE(mcfg).to(dev)
+            _live_modules[:] = [tok, model]
+            if workload.startswith("gen-"):
+                steps = int(workload[4:])
+                model.eval()
+                sampler = SamplerConfig(steps=steps)
+                start = torch.full((batch, mcfg.num_tokens), model.vocab.mask_id, device=dev)
+                with torch.no_grad(), ac, count_flops() as c:
+                    model.logits(start)
+                fwd = c["flops"]
+                with torch.no_grad(), ac, count_flops() as c:
+                    tok.decode(torch.zeros(batch, mcfg.num_tokens, dtype=torch.long, device=dev))
+                flops_per_image = (steps * fwd + c["flops"]) / batch
+
+                def run():
+                    with torch.no_grad(), ac:
+                        ids = decode_tokens(model, start, sampler, None, torch.Generator().manual_seed(0))
+                        tok.decode(ids)
+            else:
+                model.train()
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=mcfg.betas, foreach=not baseline)
+                tokens = torch.randint(0, mcfg.codebook_size, (batch, mcfg.num_tokens), generator=g).to(dev)
+                drop, mask, _ = model.sample_masks(batch, g, dev)
+                with torch.no_grad(), ac, count_flops() as c:
+                    model(tokens, drop, mask)
+                flops_per_image = 3 * c["flops"] / batch
+                if workload == "train+tok":
+                    with torch.no_grad(), ac, count_flops() as c:
+                        tok.encode(images)
+                    flops_per_image += c["flops"] / batch
+
+                def run():
+                    t = tokens
+                    if workload == "train+tok":
+                        with torch.no_grad(), ac:
+                            t = tok.encode(images)
+                    with ac:
+                        loss = model(t, drop, mask)["loss"]
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        seconds = _timed(run, dev, repeats)
+    return {"seconds": seconds, "images_per_s": batch / seconds, "flops_per_image": flops_per_image}
+
+
+def _child(q, args: tuple, threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        dev_cuda = torch.cuda.is_available()
+        if dev_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        r = measure(*args)
+        r["peak_memory_gb"] = (torch.cuda.max_memory_allocated() if dev_cuda else
+                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9
+        q.put(r)
+    except Exception as e:  # noqa: BLE001 - reported as a row, the run goes on
+        q.put({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+
+
+def measure_isolated(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, repeats: int = 2) -> dict[str, Any]:
+    """``measure`` in a fresh process (so peak memory is this workload's own)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q, (workload, preset, batch, bf16, baseline, repeats), torch.get_num_threads()))
+    p.start()
+    r = q.get()
+    p.join()
+    return r
+
+
+# --------------------------------------------------------------------------------------------------
+# the machine's peak
+# --------------------------------------------------------------------------------------------------
+def matmul_peak(dtype: torch.dtype, n: int | None = None, repeats: int = 3) -> dict[str, Any]:
+    """GFLOP/s of an n x n @ n x n matmul (n = 4096 on GPU or with bf16 hardware; smaller where it is emulated)."""
     from .precision import bf16_supported
 
-    rows = []
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if n is None:
+        n = 8192 if dev.type == "cuda" else (2048 if dtype == torch.float32 or bf16_supported("cpu") else 512)
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    s = _timed(lambda: a @ b, dev, repeats)
+    return {"dtype": str(dtype).replace("torch.", ""), "n": n, "gflops": 2 * n ** 3 / s / 1e9}
+
+
+# --------------------------------------------------------------------------------------------------
+def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_steps: list[int], baseline: bool = False,
+              workloads: list[str] | None = None, repeats: int = 2) -> dict[str, Any]:
+    """Everything in one run; prints a table as it goes and returns it as a dict (for --json)."""
+    from .precision import bf16_supported
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for p in presets:
+        if p not in TOKENIZER_FOR:
+            raise MageError(f"unknown bench preset '{p}' (choose from: {', '.join(TOKENIZER_FOR)})")
+    bad = [p for p in precisions if p not in ("fp32", "bf16")]
+    if bad:
+        raise MageError(f"unknown precision {bad[0]} (fp32 | bf16)")
+    names = workloads or ["train", "train+tok"] + [f"gen-{s}" for s in gen_steps] + ["encode", "decode"]
+    device = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    peaks = {"fp32": matmul_peak(torch.float32)}
+    if "bf16" in precisions:
+        peaks["bf16"] = matmul_peak(torch.bfloat16)
+    print(f"device: {device} | matmul peak: " + ", ".join(f"{k} {v['gflops']:.1f} GFLOP/s (n={v['n']})" for k, v in peaks.items()),
+          flush=True)
+    print(f"{'preset':>9} {'workload':>9} {'prec':>5} {'mode':>8} {'batch':>5} {'img/s':>9} {'GFLOP/img':>10} "
+          f"{'GFLOP/s':>9} {'MFU':>6} {'peak GB':>8} {'speed-up':>8}", flush=True)
+    rows = []
     for p in presets:
         for prec in precisions:
             if prec == "bf16" and not bf16_supported(dev):
-                print(f"{p:>10}  bf16: skipped, this {dev} has no bf16 matrix hardware (PyTorch would emulate it, "
-                      f"10-400x slower than fp32; MAGE_BF16=1 forces it)", flush=True)
-                rows.append({"preset": p, "precision": prec, "batch": batch_size, "train_images_per_s": None})
+                print(f"{p:>9} {'all':>9} {'bf16':>5}  skipped: this {dev} has no bf16 matrix hardware "
+                      f"(PyTorch emulates it, 10-400x slower than fp32; MAGE_BF16=1 forces it)", flush=True)
                 continue
-            ips = train_step_throughput(p, batch_size, steps, bf16=(prec == "bf16"))
-            rows.append({"preset": p, "precision": prec, "batch": batch_size, "train_images_per_s": ips})
-            print(f"{p:>10} {prec:>5} batch {batch_size}: {ips:8.2f} images/s (training step, cached tokens)", flush=True)
-    return rows
+            for w in names:
+                modes = ["mage"] + (["original"] if baseline else [])
+                got = {}
+                for mode in modes:
+                    if mode == "original" and prec == "bf16":
+                        continue  # the original runs fp32 (bf16 autocast around it is not its code)
+                    r = measure_isolated(w, p, batch_size, prec == "bf16", mode == "original", repeats)
+                    row = {"preset": p, "workload": w, "precision": prec, "mode": mode, "batch": batch_size, **r}
+                    if "error" not in r:
+                        row["gflops_per_s"] = r["flops_per_image"] * r["images_per_s"] / 1e9
+                        row["mfu"] = row["gflops_per_s"] / peaks[prec]["gflops"]
+                    got[mode] = row
+                    rows.append(row)
+                base = got.get("original") or next((x for x in rows if x["preset"] == p and x["workload"] == w
+                                                    and x["mode"] == "original"), None)
+                for mode, row in got.items():
+                    if "error" in row:
+                        print(f"{p:>9} {w:>9} {prec:>5} {mode:>8} {batch_size:>5}  error: {row['error']}", flush=True)
+                        continue
+                    if mode == "mage" and base is not None and "error" not in base:
+                        row["speedup_vs_original"] = row["images_per_s"] / base["images_per_s"]
+                    su = f"{row['speedup_vs_original']:.2f}x" if "speedup_vs_original" in row else ""
+                    print(f"{p:>9} {w:>9} {prec:>5} {mode:>8} {batch_size:>5} {row['images_per_s']:>9.3f} "
+                          f"{row['flops_per_image'] / 1e9:>10.2f} {row['gflops_per_s']:>9.1f} {100 * row['mfu']:>5.1f}% "
+                          f"{row['peak_memory_gb']:>8.2f} {su:>8}", flush=True)
+    return {"device": device, "torch": torch.__version__, "matmul_peak": peaks, "rows": rows}

@@ -169,6 +169,42 @@ MAGE_PRESETS: dict[str, MAGEConfig] = {
 
 
 # --------------------------------------------------------------------------------------------------
+# fine-tuning recipe (MAGE.md 5.2); the architecture comes from the pre-trained MAGE's config
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning of the MAGE encoder with a classification head (the original's main_finetune)."""
+
+    batch_size: int = 1024           # global batch, split across ranks
+    blr: float = 2.5e-4              # lr = blr * batch_size / 256
+    min_lr: float = 1e-6
+    layer_decay: float = 0.65        # lr scale decay^(depth + 1 - layer_id); token_emb = 0, blocks.i = i + 1
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    epochs: float = 100
+    warmup_epochs: float = 5
+    max_steps: int = 0               # >0 overrides epochs
+    max_minutes: float = 0.0         # 0 = no wall-clock limit (else the cosine follows wall time)
+    grad_clip: float = 0.0           # the original does not clip
+    data_augment: str = "crop-flip"  # used when images are tokenized on the fly (--data); a cache gives flips
+    bf16: bool = True
+    log_every: int = 20
+    ckpt_every: int = 1000
+    seed: int = 0
+
+
+FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
+    "tiny": FinetuneConfig(batch_size=8, blr=1e-3, epochs=2, warmup_epochs=0.5, max_steps=10, log_every=2, ckpt_every=5),
+    "fmnist-32": FinetuneConfig(batch_size=128, blr=1e-3, layer_decay=0.75, epochs=10, warmup_epochs=0.5, max_minutes=10.0,
+                                bf16=False, ckpt_every=200),
+    "vit-b": FinetuneConfig(),
+    "vit-l": FinetuneConfig(layer_decay=0.75, drop_path=0.2, epochs=50),
+}
+
+
+# --------------------------------------------------------------------------------------------------
 # presets, overrides, JSON
 # --------------------------------------------------------------------------------------------------
 def _preset(table: dict[str, T], name: str, what: str) -> T:
@@ -180,6 +216,11 @@ def _preset(table: dict[str, T], name: str, what: str) -> T:
 def tokenizer_preset(name: str) -> TokenizerConfig:
     """A fresh copy of a named tokenizer preset."""
     return _preset(TOKENIZER_PRESETS, name, "tokenizer")
+
+
+def finetune_preset(name: str) -> FinetuneConfig:
+    """A fresh copy of a named fine-tuning preset."""
+    return _preset(FINETUNE_PRESETS, name, "fine-tune")
 
 
 def mage_preset(name: str) -> MAGEConfig:
@@ -229,7 +270,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def from_dict(d: dict[str, Any]) -> Any:
     """Rebuild a config dataclass from ``to_dict`` output (unknown keys are an error)."""
-    kinds = {"TokenizerConfig": TokenizerConfig, "MAGEConfig": MAGEConfig}
+    kinds = {"TokenizerConfig": TokenizerConfig, "MAGEConfig": MAGEConfig, "FinetuneConfig": FinetuneConfig}
     d = dict(d)
     kind = kinds.get(d.pop("type", ""))
     if kind is None:

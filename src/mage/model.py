@@ -154,7 +154,7 @@ class MAGE(nn.Module):
         self.vocab = Vocab.from_config(c)
         L1 = c.num_tokens + 1                                                      # + fake class token
         self.token_emb = TokenEmbedding(self.vocab.size, L1, c.embed_dim, c.dropout)
-        dpr = [x.item() for x in torch.linspace(0, c.drop_path, c.depth)]
+        dpr = [c.drop_path * i / max(1, c.depth - 1) for i in range(c.depth)]
         self.blocks = nn.ModuleList([Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.dropout, dpr[i]) for i in range(c.depth)])
         self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
         self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_embed_dim)

@@ -245,7 +245,7 @@ def save_classifier(out: str, head: ProbeHead, model_dir: str, pool: str, classe
 
 
 class Classifier:
-    """A saved probe: image -> class probabilities."""
+    """A saved classifier (linear probe or fine-tuned encoder): image -> class probabilities."""
 
     def __init__(self, path: str):
         from safetensors.torch import load_file
@@ -254,8 +254,14 @@ class Classifier:
 
         meta_path = os.path.join(path, "classifier.json")
         if not os.path.isfile(meta_path):
-            raise MageError(f"no classifier at {path} (expected classifier.json from 'mage probe linear')")
+            raise MageError(f"no classifier at {path} (expected classifier.json from 'mage probe linear' or 'mage finetune')")
         self.meta = json.load(open(meta_path))
+        self.classes = self.meta["classes"]
+        self._finetuned = None
+        if self.meta.get("kind") == "finetune":
+            from .finetune import FinetunedClassifier
+            self._finetuned = FinetunedClassifier(path, self.meta)
+            return
         self.pipe = MAGEPipeline.from_pretrained(self.meta["model"])
         sd = load_file(os.path.join(path, "head.safetensors"))
         self.head = ProbeHead(sd["linear.weight"].shape[1], sd["linear.weight"].shape[0])
@@ -266,5 +272,7 @@ class Classifier:
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """images [B,3,S,S] (already at the training resolution) -> probabilities [B, C]."""
+        if self._finetuned is not None:
+            return self._finetuned.predict(images)
         f = extract_features(self.pipe.model, self.pipe.tokenizer, images, self.meta["pool"])
         return self.head(f).softmax(-1)

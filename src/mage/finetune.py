@@ -1,0 +1,247 @@
+"""End-to-end fine-tuning of the MAGE encoder for classification (``mage finetune``, MAGE.md 5.2).
+
+The original's ``VisionTransformerMage``: the pre-trained token embedding and encoder blocks (drop-path
+added), the decoder and the final ``norm`` discarded, mean of the image-token outputs -> ``fc_norm``
+(LayerNorm eps 1e-6) -> Linear head (trunc-normal std 2e-5). AdamW(0.9, 0.999), weight decay 0.05 except
+1-D params and biases, layer-wise lr decay (token_emb = layer 0, blocks.i = i + 1, the rest = depth + 1),
+label smoothing 0.1, per-iteration warm-up + cosine to min_lr, no gradient clipping.
+
+Differences, on purpose: inputs are token ids (the tokenizer stays outside the trained model), taken from a
+token cache (the image and its mirror) or tokenized on the fly from ``--data`` with random-resized-crop + flip;
+RandAugment, Mixup and CutMix are not applied (they act on pixels before the tokenizer, which a cache
+cannot replay). The same checkpoint/resume and torchrun support as pre-training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import (atomic_write_json, load_checkpoint, load_train_state, load_weights, resolve_checkpoint,
+                         save_checkpoint, save_step, step_dirs)
+from .config import FinetuneConfig, MAGEConfig
+from .distributed import all_reduce_mean, barrier, init_distributed
+from .errors import MageError
+from .model import Block, TokenEmbedding
+from .precision import autocast
+from .vocab import Vocab
+from .vqgan import VQTokenizer
+
+
+class MAGEClassifier(nn.Module):
+    """tokens [B, L] -> class logits [B, C] through the MAGE encoder (timm names: token_emb, blocks, fc_norm, head)."""
+
+    def __init__(self, config: MAGEConfig, num_classes: int, drop_path: float = 0.0):
+        super().__init__()
+        self.config = c = config
+        self.vocab = Vocab.from_config(c)
+        self.token_emb = TokenEmbedding(self.vocab.size, c.num_tokens + 1, c.embed_dim, c.dropout)
+        dpr = [drop_path * i / max(1, c.depth - 1) for i in range(c.depth)]
+        self.blocks = nn.ModuleList([Block(c.embed_dim, c.num_heads, c.mlp_ratio, 0.0, dpr[i]) for i in range(c.depth)])
+        self.fc_norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.head = nn.Linear(c.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = torch.cat([torch.full_like(tokens[:, :1], self.vocab.fake_class_id), tokens], 1)   # [B, 1+L]
+        x = self.token_emb(ids)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.fc_norm(x[:, 1:].mean(1))                                     # [B, D]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(tokens))                                   # [B, C]
+
+    def load_pretrained(self, weights: dict[str, torch.Tensor], where: str) -> None:
+        """Take token_emb.* and blocks.* from a pre-trained MAGE state dict (the rest is MAGE-only)."""
+        own = self.state_dict()
+        take = {k: v for k, v in weights.items() if k.startswith(("token_emb.", "blocks.")) and k in own}
+        missing = [k for k in own if k.startswith(("token_emb.", "blocks.")) and k not in take]
+        if missing:
+            raise MageError(f"{where} does not fit the encoder (missing {missing[:3]})")
+        for k, v in take.items():
+            if v.shape != own[k].shape:
+                raise MageError(f"{where}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        self.load_state_dict(take, strict=False)
+
+
+def layer_decay_groups(model: MAGEClassifier, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """Param groups with lr_scale = layer_decay ** (depth + 1 - layer_id) and no decay for 1-D params / biases."""
+    depth = len(model.blocks)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = 0 if n.startswith("token_emb.") else int(n.split(".")[1]) + 1 if n.startswith("blocks.") else depth + 1
+        no_wd = p.ndim <= 1 or n.endswith(".bias")
+        g = groups.setdefault((lid, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
+                                             "lr_scale": layer_decay ** (depth + 1 - lid), "layer_id": lid})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def _test_tokens(tok: VQTokenizer, data: str, data_dir: str | None, limit: int | None, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    from .data import load_dataset
+
+    ds = load_dataset(data, "test", tok.config.image_size, "none", data_dir, 0, limit)
+    out = []
+    with torch.no_grad():
+        for s in tqdm(range(0, len(ds), 256), desc=f"tokenize {data}:test", leave=False):
+            out.append(tok.encode(torch.stack([ds[i][0] for i in range(s, min(len(ds), s + 256))]).to(dev)).cpu())
+    return torch.cat(out), ds.labels()
+
+
+@torch.no_grad()
+def evaluate_tokens(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
+    model.eval()
+    dev = next(model.parameters()).device
+    logits = torch.cat([model(tokens[s:s + batch_size].to(dev)).float().cpu() for s in range(0, len(tokens), batch_size)])
+    from .recognition import accuracy
+    m = {"top1": accuracy(logits, labels, 1)}
+    if logits.shape[1] > 5:
+        m["top5"] = accuracy(logits, labels, 5)
+    return m
+
+
+def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = None, cache: str | None = None,
+             data_dir: str | None = None, limit: int | None = None, resume: bool = False, progress: bool = True,
+             stop_at: int | None = None) -> dict[str, Any]:
+    """Fine-tune ``model_dir``'s encoder on labelled data; writes OUT/{checkpoints, model, tokenizer, classifier.json}."""
+    from .pretrain import TokenCache, _Batches, _seed, lr_at
+
+    info = init_distributed()
+    dev = info.device
+    weights, mcfg, where = load_checkpoint(model_dir)
+    if not isinstance(mcfg, MAGEConfig):
+        raise MageError(f"{where} is not a MAGE model")
+    tok_path = os.path.join(model_dir, "tokenizer")
+    if not os.path.exists(tok_path):
+        raise MageError(f"no tokenizer next to the model ({tok_path})")
+    tok = VQTokenizer.from_pretrained(tok_path).to(dev)
+    tc = TokenCache(cache) if cache else None
+    dataset = None
+    if tc is not None:
+        classes, labels_all = tc.classes, tc.labels
+        if int(tc.meta.get("codebook_size", mcfg.codebook_size)) != mcfg.codebook_size:
+            raise MageError(f"token cache {cache} was made with another codebook size")
+        data = data or tc.meta.get("data")
+    else:
+        if data is None:
+            raise MageError("give --data or --cache")
+        from .data import load_dataset
+        dataset = load_dataset(data, "train", tok.config.image_size, cfg.data_augment, data_dir, cfg.seed, limit)
+        classes, labels_all = dataset.classes, dataset.labels()
+    if not classes or int(labels_all.min()) < 0:
+        raise MageError("fine-tuning needs a labelled dataset")
+    C = len(classes)
+    batches = _Batches(cfg, info, tc, dataset)
+    total = cfg.max_steps if cfg.max_steps > 0 else int(cfg.epochs * batches.per_epoch)
+    warmup = min(int(cfg.warmup_epochs * batches.per_epoch), max(1, total // 10))
+
+    torch.manual_seed(cfg.seed)
+    arch = dataclasses.replace(mcfg, num_classes=0, contrastive_weight=0.0)
+    model = MAGEClassifier(arch, C, cfg.drop_path).to(dev)
+    model.load_pretrained(weights, where)
+    lr = cfg.blr * cfg.batch_size / 256
+    opt = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=lr, betas=cfg.betas, foreach=True)
+    start = 0
+    if resume and step_dirs(out):
+        last = step_dirs(out)[-1][1]
+        model.load_state_dict(load_weights(last))
+        st = load_train_state(last)
+        opt.load_state_dict(st["optimizer"])
+        start = st["step"]
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
+    if info.is_main:
+        os.makedirs(out, exist_ok=True)
+        if not os.path.isdir(os.path.join(out, "tokenizer")):
+            shutil.copytree(resolve_checkpoint(tok_path), os.path.join(out, "tokenizer"), ignore=shutil.ignore_patterns("train_state.pt"))
+    log = open(os.path.join(out, "log.jsonl"), "a") if info.is_main else None
+    bar = tqdm(total=total, initial=start, desc="finetune", disable=not (progress and info.is_main), dynamic_ncols=True)
+    t0, step, last = time.time(), start, {"loss": float("nan"), "acc": float("nan")}
+    while step < total:
+        sched = step
+        if cfg.max_minutes > 0:
+            sched = max(step, int(total * min(1.0, (time.time() - t0) / 60 / cfg.max_minutes)))
+            if info.enabled:
+                t = torch.tensor(float(sched))
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+                sched = int(t.item())
+        cur = lr_at(step if step < warmup else sched, total, warmup, lr, cfg.min_lr)
+        for g in opt.param_groups:
+            g["lr"] = cur * g["lr_scale"]
+        tokens, images, labels = batches.get(step, False)
+        if tokens is None:
+            with torch.no_grad(), autocast(dev, cfg.bf16):
+                tokens = tok.encode(images.to(dev))
+        tokens, labels = tokens.to(dev), labels.to(dev)
+        torch.manual_seed(_seed(cfg.seed, 19, step, info.rank))                     # drop-path / dropout
+        model.train()
+        with autocast(dev, cfg.bf16):
+            logits = ddp(tokens)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        if step % cfg.log_every == 0 or step == total:
+            acc = (logits.argmax(1) == labels).float().mean()
+            last = {"loss": all_reduce_mean(loss.detach(), info).item(), "acc": all_reduce_mean(acc, info).item()}
+            if info.is_main:
+                log.write(json.dumps({"step": step, **last, "lr": cur, "elapsed_s": time.time() - t0}) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{100 * last['acc']:.1f}%", lr=f"{cur:.2e}")
+        bar.update(1)
+        out_of_time = (cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes) or step == stop_at
+        if cfg.max_minutes > 0 and info.enabled:
+            flag = torch.tensor(1.0 if out_of_time else 0.0)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        if info.is_main and (step % cfg.ckpt_every == 0 or step == total or out_of_time):
+            save_step(out, step, model.state_dict(), cfg, {"step": step, "optimizer": opt.state_dict(), "arch": dataclasses.asdict(arch)})
+        if out_of_time:
+            break
+    bar.close()
+    barrier(info)
+    result: dict[str, Any] = {"step": step, **last, "minutes": (time.time() - t0) / 60}
+    if info.is_main:
+        log.close()
+        xt, yt = _test_tokens(tok, data, data_dir, None, dev)
+        metrics = evaluate_tokens(model, xt, yt)
+        result.update(metrics)
+        save_checkpoint(os.path.join(out, "model"), model.state_dict(), arch)
+        atomic_write_json(os.path.join(out, "classifier.json"), {
+            "kind": "finetune", "model": "model", "tokenizer": "tokenizer", "pretrained": os.path.abspath(model_dir),
+            "image_size": tok.config.image_size, "classes": classes, "pool": "mean", "data": data,
+            "metrics": metrics, "steps": step, "recipe": dataclasses.asdict(cfg)})
+    return result
+
+
+class FinetunedClassifier:
+    """A ``mage finetune`` output directory: image -> class probabilities."""
+
+    def __init__(self, path: str, meta: dict[str, Any]):
+        self.meta = meta
+        weights, arch, where = load_checkpoint(os.path.join(path, meta["model"]))
+        self.model = MAGEClassifier(arch, len(meta["classes"]))
+        self.model.load_state_dict(weights)
+        self.model.eval()
+        self.tokenizer = VQTokenizer.from_pretrained(os.path.join(path, meta["tokenizer"])).eval()
+        self.classes = meta["classes"]
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.tokenizer.encode(images)).softmax(-1)

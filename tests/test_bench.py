@@ -1,0 +1,67 @@
+"""mage bench: the FLOP counter against the known ViT-B / MaskGIT-VQGAN counts, and a CLI smoke run."""
+
+import json
+
+import torch
+
+from mage import bench
+from mage.config import mage_preset, tokenizer_preset
+from mage.model import MAGE
+from mage.vqgan import VQTokenizer
+
+from test_tokenizer import run_cli
+
+
+def test_flop_counts_match_the_known_vit_b_numbers():
+    # per image at 256 px (Performance issue): transformer forward 78.2 GFLOP over all 257 positions,
+    # 54.5 with half the tokens dropped (training), VQGAN encode 128.8, decode 186.5
+    with torch.device("meta"):                                    # shapes only: no memory, no compute
+        m, tok = MAGE(mage_preset("vit-b")), VQTokenizer(tokenizer_preset("maskgit-256"))
+    bench._live_modules[:] = [m, tok]
+    with torch.no_grad(), bench.count_flops() as enc:
+        tok.encoder(torch.empty(1, 3, 256, 256, device="meta"))
+    with torch.no_grad(), bench.count_flops() as dec:
+        tok.decoder(torch.empty(1, 256, 16, 16, device="meta"))
+    with torch.no_grad(), bench.count_flops() as full:
+        m.logits(torch.zeros(1, 256, dtype=torch.long, device="meta"))
+    with torch.no_grad(), bench.count_flops() as train:
+        m.encode(torch.zeros(1, 129, dtype=torch.long, device="meta"), None)
+        m.decode(torch.empty(1, 257, 768, device="meta"), None, torch.zeros(1, 257, dtype=torch.bool, device="meta"))
+    for got, want in ((enc, 128.8), (dec, 186.5), (full, 78.2), (train, 54.5)):
+        assert abs(got["flops"] / 1e9 - want) / want < 0.01, (got, want)
+
+
+def test_explicit_attention_baseline_matches_sdpa():
+    torch.manual_seed(0)
+    from mage.model import Attention
+    a = Attention(32, 4).eval()
+    x = torch.randn(2, 9, 32)
+    fast = a(x)
+    with bench.original_mode(True):
+        slow = a(x)
+    assert torch.allclose(fast, slow, atol=1e-5) and Attention.forward is not bench._explicit_attention
+
+
+def test_measure_counts_every_workload():
+    got = {w: bench.measure(w, "tiny", 2, False, False, repeats=1) for w in ("train", "train+tok", "gen-2", "gen-4", "encode", "decode")}
+    assert all(r["images_per_s"] > 0 and r["flops_per_image"] > 0 for r in got.values()), got
+    assert got["gen-4"]["flops_per_image"] > got["gen-2"]["flops_per_image"] > got["decode"]["flops_per_image"]
+    assert got["train+tok"]["flops_per_image"] == got["train"]["flops_per_image"] + got["encode"]["flops_per_image"]
+
+
+def test_bench_cli_tiny(tmp_path):
+    out = tmp_path / "b.json"
+    r = run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--precision", "fp32", "--workloads", "train+tok,gen-2",
+                "--baseline", "--repeats", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    rows = {(x["workload"], x["mode"]): x for x in res["rows"]}
+    assert set(rows) == {(w, m) for w in ("train+tok", "gen-2") for m in ("mage", "original")}
+    for (w, mode), x in rows.items():
+        assert "error" not in x, x
+        assert x["images_per_s"] > 0 and x["flops_per_image"] > 0 and x["peak_memory_gb"] > 0
+        if mode == "mage":
+            assert x["speedup_vs_original"] > 0
+    assert res["matmul_peak"]["fp32"]["gflops"] > 0 and "MFU" in r.stdout
+    r = run_cli("bench", "--preset", "nope")
+    assert r.returncode == 2 and "unknown bench preset" in r.stderr
