@@ -21,17 +21,13 @@ eager) and prints our speed-up as a ratio from the same run. Timings on a shared
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import multiprocessing as mp
-import os
 import resource
 import time
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import mage_preset, tokenizer_preset
 from .errors import MageError
@@ -301,3 +297,30 @@ def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_st
                           f"{row['flops_per_image'] / 1e9:>10.2f} {row['gflops_per_s']:>9.1f} {100 * row['mfu']:>5.1f}% "
                           f"{row['peak_memory_gb']:>8.2f} {su:>8}", flush=True)
     return {"device": device, "torch": torch.__version__, "matmul_peak": peaks, "rows": rows}
+
+
+def fast_path_agreement(model_dir: str, num: int = 200, steps: int = 20, seed: int = 0, judge: str | None = None,
+                        data: str = "fashion-mnist", data_dir: str | None = None) -> dict[str, Any]:
+    """Generate the same seeds with the fp32 path and the fast path (bf16 autocast where the hardware has it):
+    the share of equal token ids, and (with a judge) the FID-like score of each against the test split."""
+    from .pipeline import MAGEPipeline
+    from .precision import autocast, bf16_supported
+    from .sampler import SamplerConfig
+
+    pipe = MAGEPipeline.from_pretrained(model_dir)
+    dev = pipe.device
+    s = SamplerConfig(steps=steps)
+    fp32 = pipe.generate_tokens(num, None, s, seed)
+    with autocast(dev, True):
+        fast = pipe.generate_tokens(num, None, s, seed)
+    out: dict[str, Any] = {"num": num, "steps": steps, "fast_path": "bf16 autocast" if bf16_supported(dev.type) else "fp32 (no bf16 hardware)",
+                           "token_agreement": 100.0 * (fp32 == fast).float().mean().item()}
+    if judge:
+        from . import evaluate as ev
+        net = ev.JudgeFeatures(judge, dev)
+        ref = ev.reference_stats(net, data, "test", num, pipe.tokenizer.config.image_size, data_dir)
+        out["fid_like_fp32"] = ev.compare(ref, ev.compute_features(net, [pipe.decode(fp32)], progress=False))["fid"]
+        out["fid_like_fast"] = ev.compare(ref, ev.compute_features(net, [pipe.decode(fast)], progress=False))["fid"]
+        other = pipe.generate_tokens(num, None, s, seed + 1000)            # seed noise: fp32, other seeds
+        out["fid_like_fp32_other_seeds"] = ev.compare(ref, ev.compute_features(net, [pipe.decode(other)], progress=False))["fid"]
+    return out
