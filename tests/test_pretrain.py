@@ -1,6 +1,7 @@
 """Pre-training: token cache, CLI, bit-exact resume, DDP equivalence (2 gloo ranks), official import, errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -123,3 +124,15 @@ def test_bad_inputs(tiny_setup, tmp_path):
         lines = [l for l in r.stderr.strip().splitlines() if l.strip() and "%|" not in l]
         assert r.returncode == 2, (args, r.stderr)
         assert len(lines) == 1 and lines[0].startswith("mage: error:"), (args, r.stderr)
+
+
+def test_mage_c_loss_finite_and_decreasing(tiny_setup, tmp_path):
+    _, _, cache = tiny_setup
+    cfg = _cfg(contrastive_weight=0.1, max_steps=30, blr=3e-3)
+    pretrain(cfg, str(tmp_path / "c"), cache=cache, progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "c" / "log.jsonl")]
+    c = [r["contrastive"] for r in rows]
+    assert all(map(math.isfinite, c)) and all(math.isfinite(r["loss"]) for r in rows)
+    assert sum(c[-5:]) / 5 < sum(c[:5]) / 5, c                     # InfoNCE goes down
+    m = MAGE.from_pretrained(str(tmp_path / "c"))
+    assert m.contrastive_head is not None                           # the same checkpoints, with the head

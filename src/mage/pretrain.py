@@ -296,8 +296,9 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
                 tokens = tok.encode(images.to(dev))
         tokens, labels = tokens.to(dev), labels.to(dev)
         drop, mask = _global_masks(model, step, info, tokens.shape[0] // (2 if two_views else 1))
-        if two_views:
-            drop, mask = torch.cat([drop, drop]), torch.cat([mask, mask])
+        if two_views:  # MAGE-C: the second view gets its own masks (another draw of the same law)
+            drop_b, mask_b = _global_masks(model, step, info, tokens.shape[0] // 2, stream=1)
+            drop, mask = torch.cat([drop, drop_b]), torch.cat([mask, mask_b])
         torch.manual_seed(_seed(cfg.seed, 13, step, info.rank))                    # dropout / label drop
         model.train()
         with autocast(dev, cfg.bf16):
@@ -350,9 +351,9 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
     return {"step": step, **last, "minutes": (time.time() - t0) / 60}
 
 
-def _global_masks(model: MAGE, step: int, info: DistInfo, b_local: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw the ratio and noise for the whole global batch from (seed, step); return this rank's rows."""
-    g = torch.Generator().manual_seed(_seed(model.config.seed, 17, step))
+def _global_masks(model: MAGE, step: int, info: DistInfo, b_local: int, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw the ratio and noise for the whole global batch from (seed, step, stream); return this rank's rows."""
+    g = torch.Generator().manual_seed(_seed(model.config.seed, 17, step) if stream == 0 else _seed(model.config.seed, 17 + stream, step))
     drop, mask, _ = model.sample_masks(model.config.batch_size, g)
     rows = slice(info.rank * b_local, (info.rank + 1) * b_local)
     return drop[rows], mask[rows]
