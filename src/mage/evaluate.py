@@ -443,7 +443,8 @@ def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_s
     y = tr.labels()
     C = len(tr.classes)
     torch.manual_seed(seed)
-    net = Judge(C, width)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = Judge(C, width).to(dev)
     steps = max(1, int(epochs * len(x) / batch_size))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
     g = torch.Generator().manual_seed(seed)
@@ -461,7 +462,7 @@ def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_s
                 for group in opt.param_groups:
                     group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
                 idx = perm[s:s + batch_size]
-                loss = F.cross_entropy(net(_augment(x[idx], g)), y[idx], label_smoothing=0.1)
+                loss = F.cross_entropy(net(_augment(x[idx], g).to(dev)), y[idx].to(dev), label_smoothing=0.1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -474,14 +475,14 @@ def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_s
     net.eval()
     xt = torch.stack([te[i][0] for i in range(len(te))])
     with torch.no_grad():
-        pred = torch.cat([net(xt[s:s + 500]).argmax(1) for s in range(0, len(xt), 500)])
+        pred = torch.cat([net(xt[s:s + 500].to(dev)).argmax(1).cpu() for s in range(0, len(xt), 500)])
     acc = 100.0 * (pred == te.labels()).float().mean().item()
     meta = {"data": data, "classes": tr.classes, "image_size": image_size, "width": width, "test_accuracy": acc,
             "steps": step, "seconds": round(time.time() - t0, 1)}
     os.makedirs(out, exist_ok=True)
     from safetensors.torch import save_file
     tmp = os.path.join(out, "judge.safetensors.tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp)
+    save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, tmp)
     os.replace(tmp, os.path.join(out, "judge.safetensors"))
     atomic_write_json(os.path.join(out, "judge.json"), meta)
     return meta
