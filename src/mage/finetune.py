@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import (atomic_write_json, load_checkpoint, load_train_state, load_weights, resolve_checkpoint,
-                         save_checkpoint, save_step, step_dirs)
+from .checkpoint import (atomic_write_json, load_checkpoint, resolve_checkpoint,
+                         save_checkpoint, save_step)
 from .config import FinetuneConfig, MAGEConfig
 from .distributed import all_reduce_mean, barrier, init_distributed
 from .errors import MageError
@@ -117,7 +117,7 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
              data_dir: str | None = None, limit: int | None = None, resume: bool = False, progress: bool = True,
              stop_at: int | None = None) -> dict[str, Any]:
     """Fine-tune ``model_dir``'s encoder on labelled data; writes OUT/{checkpoints, model, tokenizer, classifier.json}."""
-    from .pretrain import TokenCache, _Batches, _seed, lr_at
+    from .pretrain import TokenCache, _Batches, _seed, lr_at, resume_latest
 
     info = init_distributed()
     dev = info.device
@@ -154,13 +154,7 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
     model.load_pretrained(weights, where)
     lr = cfg.blr * cfg.batch_size / 256
     opt = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=lr, betas=cfg.betas, foreach=True)
-    start = 0
-    if resume and step_dirs(out):
-        last = step_dirs(out)[-1][1]
-        model.load_state_dict(load_weights(last))
-        st = load_train_state(last)
-        opt.load_state_dict(st["optimizer"])
-        start = st["step"]
+    start = resume_latest(out, model, opt)[0] if resume else 0
     ddp = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
     if info.is_main:
         os.makedirs(out, exist_ok=True)

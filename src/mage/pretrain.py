@@ -106,6 +106,17 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+def resume_latest(out: str, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, dict[str, Any] | None]:
+    """Load the newest checkpoint of run ``out`` into model + optimizer: (its step, its train state), or (0, None)."""
+    if not step_dirs(out):
+        return 0, None
+    last = step_dirs(out)[-1][1]
+    model.load_state_dict(load_weights(last))
+    st = load_train_state(last)
+    opt.load_state_dict(st["optimizer"])
+    return st["step"], st
+
+
 def info_nce(z: torch.Tensor, temperature: float, info: DistInfo) -> torch.Tensor:
     """SimCLR NT-Xent: z [2b, d] = two views (first b, then b), negatives gathered across ranks."""
     z = F.normalize(z.float(), dim=1)
@@ -255,13 +266,9 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas, foreach=True)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema_decay > 0 else None
     start = 0
-    if resume and step_dirs(out):
-        last = step_dirs(out)[-1][1]
-        model.load_state_dict(load_weights(last))
-        st = load_train_state(last)
-        opt.load_state_dict(st["optimizer"])
-        ema = st.get("ema")
-        start = st["step"]
+    if resume:
+        start, st = resume_latest(out, model, opt)
+        ema = st.get("ema") if st else ema
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if info.enabled else model
     if info.is_main:
         os.makedirs(out, exist_ok=True)
