@@ -61,7 +61,8 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
                        args.limit if args.limit else 2000)
     m = train_tokenizer(cfg, train, args.out, val, resume=args.resume)
     print(f"tokenizer saved to {args.out}: val PSNR {m['psnr']:.2f} dB, codebook usage {m['usage']:.1f}%, "
-          f"perplexity {m['perplexity']:.1f} ({m['step']} steps, {m['train_minutes']:.1f} min)")
+          f"perplexity {m['perplexity']:.1f}, position entropy {m['position_entropy']:.2f} nats "
+          f"({m['step']} steps, {m['train_minutes']:.1f} min)")
     return 0
 
 
@@ -97,7 +98,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
         m.update(data=args.data, split=args.split)
         print(json.dumps(m) if args.json else
               f"{args.data} {args.split} ({m['images']} images): PSNR {m['psnr']:.2f} dB, codebook usage {m['usage']:.1f}%, "
-              f"perplexity {m['perplexity']:.1f}")
+              f"perplexity {m['perplexity']:.1f}, position entropy {m['position_entropy']:.2f} nats")
     return 0
 
 

@@ -157,11 +157,12 @@ MAGE_PRESETS: dict[str, MAGEConfig] = {
     "tiny": MAGEConfig(num_tokens=16, codebook_size=32, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
                        decoder_depth=1, decoder_num_heads=2, batch_size=8, blr=1e-3, epochs=2, warmup_epochs=0.5,
                        max_steps=10, data_augment="flip", log_every=2, ckpt_every=5),
-    # the demo, paired with the fmnist-32 tokenizer (8x8 tokens, 512 codes). Sized for 2 CPU cores:
-    # dropout 0 because a 30-minute run sees each image only a few times (no overfitting to fight) and
-    # CPU dropout costs ~25% of the step.
-    "fmnist-32": MAGEConfig(num_tokens=64, codebook_size=512, embed_dim=192, depth=6, num_heads=6,
-                            decoder_embed_dim=192, decoder_depth=3, decoder_num_heads=6, dropout=0.0,
+    # the demo, paired with the fmnist-32 tokenizer (8x8 tokens, 512 codes). Sized for minutes on 2 CPU cores:
+    # width 128 with a 2-block decoder runs 2.2x the images/s of 192 wide x 3, and at equal time (6 min, same
+    # tokens) gave loss 5.89 vs 6.14, linear probe 54.4 vs 48.8%, class agreement 12.5 vs 7.0%;
+    # dropout 0 because such runs see each image only a few times and CPU dropout costs ~25% of the step.
+    "fmnist-32": MAGEConfig(num_tokens=64, codebook_size=512, embed_dim=128, depth=6, num_heads=4,
+                            decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, dropout=0.0,
                             batch_size=64, blr=4e-3, epochs=40, warmup_epochs=0.25, max_minutes=30.0,
                             data_augment="flip", ckpt_every=200),
     "vit-b": MAGEConfig(legacy_vocab=True),
@@ -199,7 +200,9 @@ class FinetuneConfig:
 
 FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
     "tiny": FinetuneConfig(batch_size=8, blr=1e-3, epochs=2, warmup_epochs=0.5, max_steps=10, log_every=2, ckpt_every=5),
-    "fmnist-32": FinetuneConfig(batch_size=128, blr=1e-3, layer_decay=0.75, epochs=10, warmup_epochs=0.5, max_minutes=10.0,
+    # minutes, not epochs, on 2 CPU cores (~1 epoch in 10 min): a short warm-up and a bolder lr than the
+    # original (blr 1e-3 with 0.5 epochs of warm-up spent 215 of the 296 steps of an 8-minute run warming up)
+    "fmnist-32": FinetuneConfig(batch_size=64, blr=4e-3, layer_decay=0.75, epochs=10, warmup_epochs=0.05, max_minutes=10.0,
                                 bf16=False, ckpt_every=200),
     "vit-b": FinetuneConfig(),
     "vit-l": FinetuneConfig(layer_decay=0.75, drop_path=0.2, epochs=50),

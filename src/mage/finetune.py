@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .checkpoint import (atomic_write_json, load_checkpoint, resolve_checkpoint,
                          save_checkpoint, save_step)
 from .config import FinetuneConfig, MAGEConfig
-from .distributed import all_reduce_mean, barrier, init_distributed
+from .distributed import TimeBudget, all_reduce_mean, barrier, init_distributed
 from .errors import MageError
 from .model import Block, TokenEmbedding
 from .precision import autocast
@@ -162,15 +162,10 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
             shutil.copytree(resolve_checkpoint(tok_path), os.path.join(out, "tokenizer"), ignore=shutil.ignore_patterns("train_state.pt"))
     log = open(os.path.join(out, "log.jsonl"), "a") if info.is_main else None
     bar = tqdm(total=total, initial=start, desc="finetune", disable=not (progress and info.is_main), dynamic_ncols=True)
-    t0, step, last = time.time(), start, {"loss": float("nan"), "acc": float("nan")}
+    budget, step, last = TimeBudget(cfg.max_minutes, info), start, {"loss": float("nan"), "acc": float("nan")}
+    t0 = budget.t0
     while step < total:
-        sched = step
-        if cfg.max_minutes > 0:
-            sched = max(step, int(total * min(1.0, (time.time() - t0) / 60 / cfg.max_minutes)))
-            if info.enabled:
-                t = torch.tensor(float(sched))
-                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-                sched = int(t.item())
+        sched = budget.schedule_step(step, total)
         cur = lr_at(step if step < warmup else sched, total, warmup, lr, cfg.min_lr)
         for g in opt.param_groups:
             g["lr"] = cur * g["lr_scale"]
@@ -198,11 +193,7 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
                 log.flush()
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{100 * last['acc']:.1f}%", lr=f"{cur:.2e}")
         bar.update(1)
-        out_of_time = (cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes) or step == stop_at
-        if cfg.max_minutes > 0 and info.enabled:
-            flag = torch.tensor(1.0 if out_of_time else 0.0)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
+        out_of_time = budget.out_of_time(step == stop_at)
         if info.is_main and (step % cfg.ckpt_every == 0 or step == total or out_of_time):
             save_step(out, step, model.state_dict(), cfg, {"step": step, "optimizer": opt.state_dict(), "arch": dataclasses.asdict(arch)})
         if out_of_time:

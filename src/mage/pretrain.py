@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, load_train_state, load_weights, resolve_checkpoint, save_checkpoint, save_step, step_dirs
 from .config import MAGEConfig
-from .distributed import DistInfo, all_gather_cat, all_reduce_mean, barrier, init_distributed
+from .distributed import DistInfo, TimeBudget, all_gather_cat, all_reduce_mean, barrier, init_distributed
 from .errors import MageError
 from .precision import autocast
 from .model import MAGE
@@ -283,17 +283,12 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
                 json.dump(classes, f)
     log = open(os.path.join(out, "log.jsonl"), "a") if info.is_main else None
     bar = tqdm(total=total, initial=start, desc="pretrain", disable=not (progress and info.is_main), dynamic_ncols=True)
-    t0, seen, last = time.time(), 0, {"loss": float("nan"), "acc": float("nan")}
+    budget, seen, last = TimeBudget(cfg.max_minutes, info), 0, {"loss": float("nan"), "acc": float("nan")}
+    t0 = budget.t0
     step = start
     two_views = cfg.contrastive_weight > 0
     while step < total:
-        sched_step = step
-        if cfg.max_minutes > 0:  # a time budget: the cosine ends when the budget does (not bit-reproducible)
-            sched_step = max(step, int(total * min(1.0, (time.time() - t0) / 60 / cfg.max_minutes)))
-            if info.enabled:  # every rank must use the same lr
-                t = torch.tensor(float(sched_step))
-                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-                sched_step = int(t.item())
+        sched_step = budget.schedule_step(step, total)
         cur_lr = lr_at(step if step < warmup else sched_step, total, warmup, lr, cfg.min_lr)
         for pg in opt.param_groups:
             pg["lr"] = cur_lr
@@ -338,11 +333,7 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
                 log.flush()
                 bar.set_postfix(loss=f"{l:.3f}", acc=f"{100 * a:.1f}%", lr=f"{cur_lr:.2e}", img_s=f"{rec['images_per_s']:.0f}")
         bar.update(1)
-        out_of_time = (cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes) or step == stop_at
-        if cfg.max_minutes > 0 and info.enabled:  # every rank must agree to stop at the same step
-            flag = torch.tensor(1.0 if out_of_time else 0.0)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
+        out_of_time = budget.out_of_time(step == stop_at)
         if info.is_main and (step % cfg.ckpt_every == 0 or step == total or out_of_time):
             weights = model.state_dict()
             save_step(out, step, weights, cfg, {"step": step, "optimizer": opt.state_dict(), "ema": ema, "scaler": None})

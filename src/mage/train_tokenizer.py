@@ -4,7 +4,7 @@ Losses (generator side): L1 (+ optional L2) reconstruction, codebook + beta * co
 after ``adversarial_start`` steps, a hinge adversarial loss from a PatchGAN discriminator (weight 0.1, as
 MaskGIT's generator weight). Codebook collapse is prevented by restarting dead codes: every
 ``dead_code_restart_every`` steps, codes unused in that window are re-seeded with encoder outputs of the
-current batch (plus a little noise).
+current batch (plus a little noise), drawn k-means++ style: far from the live codes is likelier.
 
 No perceptual loss by default: LPIPS weights cannot be fetched offline, and the only offline perceptual
 network (the FID Inception-v3) needs 299 px inputs, which costs ~50x the whole 32 px generator step on a CPU;
@@ -80,10 +80,13 @@ def batch_iterator(dataset: ImageDataset, batch_size: int, seed: int, start_step
 @torch.no_grad()
 def reconstruction_metrics(tok: VQTokenizer, dataset: ImageDataset, batch_size: int = 256,
                            limit: int | None = None, bf16: bool = False, progress: bool = False) -> dict[str, float]:
-    """Test-set PSNR (dB), codebook usage (% of codes used) and code perplexity."""
+    """Test-set PSNR (dB), codebook usage (% of codes used), code perplexity, and the per-position code entropy
+    (nats, mean over grid positions of the entropy of the ids seen at that position): how many interchangeable
+    ids the generator must choose among where the image content barely varies (e.g. background corners)."""
     tok.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
     counts = torch.zeros(tok.config.codebook_size, dtype=torch.float64)
+    per_pos = torch.zeros(tok.config.num_tokens, tok.config.codebook_size, dtype=torch.float64)  # [L, K]
     total_psnr, seen = 0.0, 0
     for s in tqdm(range(0, n, batch_size), desc="evaluate", disable=not progress, leave=False):
         x = torch.stack([dataset[i][0] for i in range(s, min(n, s + batch_size))])
@@ -91,12 +94,17 @@ def reconstruction_metrics(tok: VQTokenizer, dataset: ImageDataset, batch_size: 
             ids = tok.encode(x)
             rec = tok.decode(ids)
         counts += torch.bincount(ids.flatten(), minlength=counts.numel()).double()
+        flat = ids.reshape(ids.shape[0], -1).long()                                  # [B, L]
+        per_pos.view(-1).index_add_(0, (torch.arange(flat.shape[1]) * counts.numel() + flat).flatten(),
+                                    torch.ones(flat.numel(), dtype=torch.float64))
         total_psnr += psnr(rec.float(), x).sum().item()
         seen += x.shape[0]
     p = counts / counts.sum()
     ent = -(p[p > 0] * p[p > 0].log()).sum().item()
+    q = per_pos / per_pos.sum(1, keepdim=True).clamp_min(1)
+    pos_ent = -(q * q.clamp_min(1e-300).log()).sum(1).mean().item()
     return {"psnr": total_psnr / max(seen, 1), "usage": 100.0 * (counts > 0).float().mean().item(),
-            "perplexity": math.exp(ent), "images": seen}
+            "perplexity": math.exp(ent), "position_entropy": pos_ent, "images": seen}
 
 
 def _progress(cfg: TokenizerConfig, step: int, elapsed_s: float) -> float:
@@ -116,12 +124,26 @@ def _lr(cfg: TokenizerConfig, step: int, progress: float) -> float:
 
 
 def _restart_dead_codes(tok: VQTokenizer, usage: torch.Tensor, z: torch.Tensor, g: torch.Generator) -> int:
-    """Re-seed codes unused since the last restart with random encoder outputs of this batch."""
+    """Re-seed codes unused since the last restart with encoder outputs of this batch, drawn with probability
+    proportional to their squared distance to the nearest live code (k-means++ seeding).
+
+    Uniform draws put about half the new codes on the most common content (on Fashion-MNIST, black
+    background), splitting one look into many interchangeable ids. Measured on fmnist-32 (19.5 min each, 2,000
+    test images): the always-black corner token took 136 ids / 4.17 nats with uniform draws, 95 / 3.68 nats
+    with these; the mean per-position entropy barely moves (5.31 -> 5.26 nats) and PSNR is unchanged."""
     dead = (usage == 0).nonzero().flatten()
     if dead.numel() == 0:
         return 0
     flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])         # [N, C]
-    pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=g)
+    codes = tok.quantize.embedding.weight.detach().float()
+    live = (usage > 0).nonzero().flatten()
+    if live.numel() > 0:
+        err = torch.cdist(flat, codes[live]).min(dim=1).values.pow(2)              # [N]
+    else:
+        err = torch.ones(flat.shape[0])
+    err = err + 1e-12
+    replace = int((err > 1e-9).sum()) < dead.numel()
+    pick = torch.multinomial(err, dead.numel(), replacement=replace, generator=g)
     noise = torch.randn(dead.numel(), flat.shape[1], generator=g) * flat.std() * 0.01
     tok.quantize.embedding.weight.data[dead] = flat[pick] + noise
     return int(dead.numel())
