@@ -136,3 +136,14 @@ def test_mage_c_loss_finite_and_decreasing(tiny_setup, tmp_path):
     assert sum(c[-5:]) / 5 < sum(c[:5]) / 5, c                     # InfoNCE goes down
     m = MAGE.from_pretrained(str(tmp_path / "c"))
     assert m.contrastive_head is not None                           # the same checkpoints, with the head
+
+
+def test_time_budget_schedule_and_stop():
+    import time
+
+    from mage.distributed import DistInfo, TimeBudget
+    none = TimeBudget(0.0, DistInfo())                       # no budget: steps drive the schedule
+    assert none.schedule_step(5, 100) == 5 and not none.out_of_time() and none.out_of_time(stop_here=True)
+    spent = TimeBudget(1e-5, DistInfo())                     # 0.6 ms budget: the clock is past the end
+    time.sleep(0.01)
+    assert spent.schedule_step(5, 100) == 100 and spent.out_of_time()

@@ -134,3 +134,32 @@ def test_cli_train_reconstruct_and_errors(tmp_path):
         lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
         assert len(lines) == 1 and lines[0].startswith("mage: error:"), r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_dead_code_restart_seeds_where_quantization_is_worst():
+    # 90% of the encoder outputs sit on one live code (think black background), 10% are far from every code:
+    # k-means++ seeding puts the restarted codes on the far ones, uniform seeding would put ~90% on the crowd
+    from mage.train_tokenizer import _restart_dead_codes
+    tok = VQTokenizer(tokenizer_preset("tiny"))
+    K, C = tok.config.codebook_size, tok.config.code_dim
+    with torch.no_grad():
+        tok.quantize.embedding.weight.zero_()
+    usage = torch.zeros(K)
+    usage[0] = 1.0                                                          # only code 0 (at the origin) is live
+    flat = torch.zeros(200, C)
+    flat[:20] = torch.randn(20, C) * 5 + 10                                 # 20 of 200 outputs are far away
+    z = flat.reshape(2, 10, 10, C).permute(0, 3, 1, 2)                      # [B, C, H, W]
+    n = _restart_dead_codes(tok, usage, z, torch.Generator().manual_seed(0))
+    assert n == K - 1
+    new = tok.quantize.embedding.weight[1:].detach()
+    on_crowd = (new.norm(dim=1) < 1.0).float().mean().item()
+    assert on_crowd < 0.05, f"{on_crowd:.0%} of restarted codes landed on the crowded point"
+    assert torch.equal(tok.quantize.embedding.weight[0], torch.zeros(C))   # live codes stay
+
+
+def test_reconstruction_metrics_position_entropy():
+    from mage.train_tokenizer import reconstruction_metrics
+    tok = VQTokenizer(tokenizer_preset("tiny"))
+    ds = load_dataset("synthetic", "test", 16, "none", limit=8)
+    m = reconstruction_metrics(tok, ds)
+    assert 0.0 <= m["position_entropy"] <= torch.log(torch.tensor(float(min(8, tok.config.codebook_size)))).item() + 1e-6
