@@ -133,3 +133,6 @@ def test_evaluate_bad_inputs(judge_and_model, tmp_path):
     assert r.returncode == 2 and "mu" in r.stderr
     r = run_cli("evaluate", "fid", "--model", str(model), "--images", "synthetic", "--features", f"judge:{judge}")
     assert r.returncode == 2 and "exactly one" in r.stderr
+    r = run_cli("evaluate", "fid", "--model", str(model), "--data", "synthetic", "--image-size", "999", "--num", "4",
+                "--features", f"judge:{judge}")
+    assert r.returncode == 2 and "differs from the model's resolution" in r.stderr and "Traceback" not in r.stderr

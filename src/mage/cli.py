@@ -348,7 +348,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         r = ev.evaluate_fid(args.model, args.data, args.num, args.class_conditional, _sampler(args), args.seed, args.features,
                             args.ref_split, args.ref_num, args.ref_stats, args.ref_dir, args.images, args.images_split,
-                            args.data_dir, args.batch_size)
+                            args.data_dir, args.batch_size, image_size=args.image_size)
         line = ev.fid_line(r)
     if args.out:
         from .checkpoint import atomic_write_json
@@ -551,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-num", type=int, default=None, help="fid: reference images (default --num)")
     p.add_argument("--ref-stats", default=None, help="fid: precomputed .npz with mu and sigma (e.g. ADM ImageNet 256)")
     p.add_argument("--ref-dir", default=None, help="fid: a folder of reference images (e.g. ImageNet val as PNG)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="fid with --images: resolution real images are read at (default 32; a model sets its own)")
     p.add_argument("--judge", default=None, help="agreement: judge directory from 'mage evaluate train-judge'")
     p.add_argument("--per-class", type=int, default=100, help="agreement: samples per class (default 100)")
     p.add_argument("--grid", default=None, help="agreement: also save 10 samples per class as this PNG")

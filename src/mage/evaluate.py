@@ -343,11 +343,13 @@ def generated_features(pipe, net, num: int, sampler, seed: int = 0, class_condit
 def evaluate_fid(model: str | None = None, data: str = "fashion-mnist", num: int = 5000, class_conditional: bool = False,
                  sampler=None, seed: int = 0, features: str = "inception", ref_split: str = "test", ref_num: int | None = None,
                  ref_stats: str | None = None, ref_dir: str | None = None, images: str | None = None, images_split: str = "train",
-                 data_dir: str | None = None, batch_size: int = 50, cache_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+                 data_dir: str | None = None, batch_size: int = 50, cache_dir: str | None = None, progress: bool = True,
+                 image_size: int | None = None) -> dict[str, Any]:
     """FID (+ KID, precision/recall) of a model's samples, or of real ``images`` (the floor), against a reference.
 
     Reference: ``ref_stats`` (.npz mu/sigma), else ``ref_dir`` (folder of images), else ``data``'s ``ref_split``
-    (``ref_num`` images, default ``num``; cached).
+    (``ref_num`` images, default ``num``; cached). Real sets are read at ``image_size`` (default: the model's
+    resolution; 32 for the MNISTs, else the judge's input size or 32).
     """
     from .sampler import SamplerConfig
 
@@ -365,10 +367,15 @@ def evaluate_fid(model: str | None = None, data: str = "fashion-mnist", num: int
     if model is not None:
         from .pipeline import MAGEPipeline
         pipe = MAGEPipeline.from_pretrained(model)
+        if image_size not in (None, pipe.tokenizer.config.image_size):
+            raise MageError(f"--image-size {image_size} differs from the model's resolution "
+                            f"({pipe.tokenizer.config.image_size}); leave it out with --model")
         image_size = pipe.tokenizer.config.image_size
-    else:
+    elif image_size is None:
         image_size = JudgeFeatures(features[6:]).meta["image_size"] if features.startswith("judge:") else 32
         image_size = _image_size_of(images, image_size)
+    elif image_size < 8:
+        raise MageError(f"--image-size must be >= 8 (got {image_size})")
     if ref_stats:
         ref = load_stats_file(ref_stats)
     elif ref_dir:
