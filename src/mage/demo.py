@@ -105,6 +105,10 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
     fid_sampler = SamplerConfig(steps=plan["fid_steps"], choice_temperature=3.0)
     t0 = time.time()
 
+    def seconds_left() -> float:
+        """Seconds until the stages should end (the budget less the plan's reserve)."""
+        return budget_minutes * 60 - plan["reserve_seconds"] - (time.time() - t0)
+
     def tokenizer_stage():
         train = load_dataset(data, "train", 32, tcfg.data_augment, data_dir)
         val = load_dataset(data, "val", 32, "none", data_dir, limit=1000)
@@ -185,7 +189,7 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
 
     def fid_stage():
         # N: the plan's, or what the time left allows (~4 images/s through the Inception, generated + reference)
-        left = budget_minutes * 60 - plan["reserve_seconds"] - (time.time() - t0)
+        left = seconds_left()
         num = min(plan["fid_num"], max(200, int(left * 4.0 / 2 / 100) * 100))
         r = ev.evaluate_fid(mage_dir, data, num, True, fid_sampler, seed=3, data_dir=data_dir)
         return {k: r[k] for k in ("fid", "kid", "precision", "recall")} | {"num": num, "line": ev.fid_line(r)}
@@ -206,7 +210,7 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
         ev.inception_path()
         _stage(state, state_path, "fid", fid_stage)
         # the floor (real train vs the cached test reference) costs about half the fid stage: only within the budget
-        left = budget_minutes * 60 - plan["reserve_seconds"] - (time.time() - t0)
+        left = seconds_left()
         if "fid-floor" in state or left > 1.2 * state["fid"].get("seconds", 1e9) * 0.5:
             _stage(state, state_path, "fid-floor", floor_stage)
         else:

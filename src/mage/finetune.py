@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 from typing import Any
 
 import torch
@@ -163,7 +162,6 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
     log = open(os.path.join(out, "log.jsonl"), "a") if info.is_main else None
     bar = tqdm(total=total, initial=start, desc="finetune", disable=not (progress and info.is_main), dynamic_ncols=True)
     budget, step, last = TimeBudget(cfg.max_minutes, info), start, {"loss": float("nan"), "acc": float("nan")}
-    t0 = budget.t0
     while step < total:
         sched = budget.schedule_step(step, total)
         cur = lr_at(step if step < warmup else sched, total, warmup, lr, cfg.min_lr)
@@ -189,7 +187,7 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
             acc = (logits.argmax(1) == labels).float().mean()
             last = {"loss": all_reduce_mean(loss.detach(), info).item(), "acc": all_reduce_mean(acc, info).item()}
             if info.is_main:
-                log.write(json.dumps({"step": step, **last, "lr": cur, "elapsed_s": time.time() - t0}) + "\n")
+                log.write(json.dumps({"step": step, **last, "lr": cur, "elapsed_s": budget.elapsed_s}) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{100 * last['acc']:.1f}%", lr=f"{cur:.2e}")
         bar.update(1)
@@ -200,7 +198,7 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
             break
     bar.close()
     barrier(info)
-    result: dict[str, Any] = {"step": step, **last, "minutes": (time.time() - t0) / 60}
+    result: dict[str, Any] = {"step": step, **last, "minutes": budget.elapsed_s / 60}
     if info.is_main:
         log.close()
         xt, yt = _test_tokens(tok, data, data_dir, None, dev)

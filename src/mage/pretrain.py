@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import time
 from typing import Any
 
 import torch
@@ -284,7 +283,6 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
     log = open(os.path.join(out, "log.jsonl"), "a") if info.is_main else None
     bar = tqdm(total=total, initial=start, desc="pretrain", disable=not (progress and info.is_main), dynamic_ncols=True)
     budget, seen, last = TimeBudget(cfg.max_minutes, info), 0, {"loss": float("nan"), "acc": float("nan")}
-    t0 = budget.t0
     step = start
     two_views = cfg.contrastive_weight > 0
     while step < total:
@@ -325,8 +323,8 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
             l, a = all_reduce_mean(res["loss"].detach().float(), info).item(), all_reduce_mean(res["acc"].float(), info).item()
             last = {"loss": l, "acc": a}
             if info.is_main:
-                rec = {"step": step, "loss": l, "acc": a, "lr": cur_lr, "images_per_s": seen / (time.time() - t0),
-                       "elapsed_s": time.time() - t0}
+                elapsed = budget.elapsed_s
+                rec = {"step": step, "loss": l, "acc": a, "lr": cur_lr, "images_per_s": seen / elapsed, "elapsed_s": elapsed}
                 if two_views:
                     rec["contrastive"] = c_loss.item()
                 log.write(json.dumps(rec) + "\n")
@@ -346,7 +344,7 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
     barrier(info)
     if log is not None:
         log.close()
-    return {"step": step, **last, "minutes": (time.time() - t0) / 60}
+    return {"step": step, **last, "minutes": budget.elapsed_s / 60}
 
 
 def _global_masks(model: MAGE, step: int, info: DistInfo, b_local: int, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

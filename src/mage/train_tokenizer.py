@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from .checkpoint import load_train_state, save_step, step_dirs
 from .config import TokenizerConfig
 from .data import ImageDataset
+from .distributed import DistInfo, TimeBudget
 from .precision import autocast
 from .transforms import save_image
 from .vqgan import VQTokenizer
@@ -85,7 +85,6 @@ def reconstruction_metrics(tok: VQTokenizer, dataset: ImageDataset, batch_size: 
     ids the generator must choose among where the image content barely varies (e.g. background corners)."""
     tok.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    counts = torch.zeros(tok.config.codebook_size, dtype=torch.float64)
     per_pos = torch.zeros(tok.config.num_tokens, tok.config.codebook_size, dtype=torch.float64)  # [L, K]
     total_psnr, seen = 0.0, 0
     for s in tqdm(range(0, n, batch_size), desc="evaluate", disable=not progress, leave=False):
@@ -93,12 +92,12 @@ def reconstruction_metrics(tok: VQTokenizer, dataset: ImageDataset, batch_size: 
         with autocast("cpu", bf16):
             ids = tok.encode(x)
             rec = tok.decode(ids)
-        counts += torch.bincount(ids.flatten(), minlength=counts.numel()).double()
         flat = ids.reshape(ids.shape[0], -1).long()                                  # [B, L]
-        per_pos.view(-1).index_add_(0, (torch.arange(flat.shape[1]) * counts.numel() + flat).flatten(),
+        per_pos.view(-1).index_add_(0, (torch.arange(flat.shape[1]) * per_pos.shape[1] + flat).flatten(),
                                     torch.ones(flat.numel(), dtype=torch.float64))
         total_psnr += psnr(rec.float(), x).sum().item()
         seen += x.shape[0]
+    counts = per_pos.sum(0)                                                          # [K]
     p = counts / counts.sum()
     ent = -(p[p > 0] * p[p > 0].log()).sum().item()
     q = per_pos / per_pos.sum(1, keepdim=True).clamp_min(1)
@@ -177,14 +176,14 @@ def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val
         start = state["step"]
     log = open(os.path.join(out, "log.jsonl"), "a")
     fixed = torch.stack([train_set[i][0] for i in range(min(16, len(train_set)))])
-    t0 = time.time()
+    budget = TimeBudget(cfg.max_minutes, DistInfo())                                # one process
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train-tokenizer", disable=not progress, dynamic_ncols=True)
     step = start
     stream = batch_iterator(train_set, cfg.batch_size, cfg.seed, start)
     while step < cfg.max_steps:
         step, x, _ = next(stream)
         tok.train()
-        frac = _progress(cfg, step, time.time() - t0)
+        frac = _progress(cfg, step, budget.elapsed_s)
         cur_lr = _lr(cfg, step, frac)
         for o in (opt_g, opt_d):
             for pg in o.param_groups:
@@ -227,12 +226,12 @@ def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val
             p = psnr(rec.detach(), x).mean().item()
             rec_ = {"step": step, "loss": loss.item(), "rec": rec_loss.item(), "commit": commit_loss.item(),
                     "d_loss": d_loss.item(), "psnr": p, "usage": used_pct, "restarted": restarted,
-                    "lr": cur_lr, "elapsed_s": time.time() - t0}
+                    "lr": cur_lr, "elapsed_s": budget.elapsed_s}
             log.write(json.dumps(rec_) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{loss.item():.3f}", psnr=f"{p:.1f}", usage=f"{used_pct:.0f}%")
         bar.update(1)
-        out_of_time = (cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes) or step == stop_at
+        out_of_time = budget.out_of_time(step == stop_at)
         if step % cfg.sample_every == 0 or step == cfg.max_steps or out_of_time:
             _write_grid(tok, fixed, os.path.join(out, "samples", f"recon-{step:07d}.png"), cfg.bf16)
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps or out_of_time:
@@ -243,7 +242,7 @@ def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val
             break
     bar.close()
     log.close()
-    metrics: dict[str, Any] = {"step": step, "train_minutes": (time.time() - t0) / 60}
+    metrics: dict[str, Any] = {"step": step, "train_minutes": budget.elapsed_s / 60}
     if val_set is not None:
         metrics.update(reconstruction_metrics(tok, val_set, bf16=False))
         with open(os.path.join(out, "metrics.json"), "w") as f:
