@@ -243,7 +243,7 @@ def write_report(out: str, state: dict[str, Any], configs: dict[str, Any], secon
         ("Class agreement (%)", f"{agr.get('agreement', nan):.2f}", "",
          f"{agr.get('num', 0)} class-conditional samples judged by a CNN with {judge.get('test_accuracy', nan):.2f}% test accuracy; goal >= 95"),
         (f"FID (N = {fid.get('num', 0)})", f"{fid.get('fid', nan):.2f}", (f"{floor['fid']:.2f} (real train images)" if "fid" in floor else
-                                                           f"floor skipped (budget): mage evaluate fid --images fashion-mnist --num {fid.get('num', 0)}"),
+                                                           f"floor skipped (budget): mage evaluate fid --images fashion-mnist --data fashion-mnist --num {fid.get('num', 0)}"),
          "Inception-v3 (FID weights) vs the test split; goal <= 10 at N = 5000"),
         ("KID / precision / recall", f"{fid.get('kid', nan):.4f} / {fid.get('precision', nan):.3f} / {fid.get('recall', nan):.3f}", "", ""),
     ]
