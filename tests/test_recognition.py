@@ -7,7 +7,8 @@ import torch
 from mage.checkpoint import load_checkpoint
 from mage.config import mage_preset
 from mage.pretrain import pretrain
-from mage.recognition import ProbeHead, few_shot, sample_shots, train_probe
+from mage.errors import MageError
+from mage.recognition import ProbeHead, few_shot, pool_features, sample_shots, train_probe
 
 from test_pretrain import tiny_setup  # noqa: F401  (fixture)
 from test_tokenizer import run_cli
@@ -17,6 +18,19 @@ def test_probe_head_shapes_and_frozen_norm():
     h = ProbeHead(32, 5)
     assert h(torch.randn(7, 32)).shape == (7, 5)
     assert [n for n, p in h.named_parameters() if p.requires_grad] == ["linear.weight", "linear.bias"]
+
+
+def test_pool_features_mean_cls_flat():
+    h = torch.randn(3, 1 + 4, 6)                                     # [B, 1+L, D]: position 0 is the class token
+    assert torch.equal(pool_features(h, "cls"), h[:, 0])
+    flat = pool_features(h, "flat")
+    assert flat.shape == (3, 4 * 6) and torch.equal(flat[:, 6:12], h[:, 2])   # token 1's feature, in raster order
+    assert torch.allclose(pool_features(h, "mean"), flat.view(3, 4, 6).mean(1))
+    try:
+        pool_features(h, "max")
+        raise AssertionError("no error for an unknown pool")
+    except MageError as e:
+        assert "mean | cls | flat" in str(e)
 
 
 def test_sample_shots_exact_and_seeded():
@@ -67,6 +81,14 @@ def test_probe_cli_classify_round_trip(tiny_setup, tmp_path):  # noqa: F811
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert len(res) == 3 and len(res[0]["top"]) == 2 and abs(sum(t["prob"] for t in res[0]["top"])) <= 1.0 + 1e-6
+    # a probe on every token's feature (--pool flat) saves a classifier that classify uses the same way
+    r = run_cli("probe", "linear", "--model", str(tmp_path / "m"), "--data", "synthetic", "--limit", "200",
+                "--epochs", "5", "--pool", "flat", "--out", str(tmp_path / "clf-flat"), "--json")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("classify", "--classifier", str(tmp_path / "clf-flat"), *paths, "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 3, r.stderr
+    r = run_cli("probe", "linear", "--model", str(tmp_path / "m"), "--data", "synthetic", "--pool", "max")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "unknown pool" in r.stderr
     (tmp_path / "bad.png").write_text("nope")
     r = run_cli("classify", "--classifier", str(tmp_path / "clf"), str(tmp_path / "bad.png"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

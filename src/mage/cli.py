@@ -421,6 +421,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+POOL_HELP = ("mean (over image tokens, the original's probe; default) | cls (position 0) | "
+             "flat (every image token's feature in raster order, L*D dims: keeps the layout)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mage", description="MAGE: masked generative encoder (generation + recognition)")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -496,14 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="MAGE run directory, or 'pixels'")
     _data_args(p)
     p.add_argument("--split", default="train")
-    p.add_argument("--pool", default="mean", help="mean (image tokens, as the original probe) | cls (position 0)")
+    p.add_argument("--pool", default="mean", help=POOL_HELP)
     p.add_argument("--out", required=True, help=".npz or .safetensors")
 
     p = sub.add_parser("probe", help="linear probe or few-shot evaluation on frozen features")
     p.add_argument("kind", choices=["linear", "few-shot"])
     p.add_argument("--model", required=True, help="MAGE run directory, or 'pixels' for the raw-pixel baseline")
     _data_args(p)
-    p.add_argument("--pool", default="mean")
+    p.add_argument("--pool", default="mean", help=POOL_HELP)
     p.add_argument("--out", default=None, help="where to save the classifier (linear) / results (few-shot)")
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--blr", type=float, default=0.1)
