@@ -269,6 +269,26 @@ def test_folder_dataset_unlabeled_and_splits(tmp_path):
     assert len(load_dataset(f"folder:{tmp_path}", "train", limit=5)) == 5
 
 
+def test_folder_train_val_layout_is_the_split(tmp_path):
+    """PATH/train + PATH/val (the original's ImageNet layout): the folders are the splits, labels by name."""
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (10, 10), (40 * i, 0, 0)).save(tmp_path / split / c / f"{i}.png")
+    (tmp_path / "train" / "zebra").mkdir()
+    Image.new("RGB", (10, 10)).save(tmp_path / "train" / "zebra" / "0.png")      # a class val lacks: fine
+    train = load_dataset(f"folder:{tmp_path}", "train", image_size=8)
+    test = load_dataset(f"folder:{tmp_path}", "test", image_size=8)              # no test/: val is the test split
+    assert len(train) == 9 and len(test) == 4 and len(load_dataset(f"folder:{tmp_path}", "all")) == 13
+    assert train.classes == test.classes == ["cat", "dog", "zebra"]
+    assert test.labels().tolist() == [0, 0, 1, 1] and all(f.startswith("val/") for f in test.files)
+    (tmp_path / "val" / "horse").mkdir()
+    Image.new("RGB", (10, 10)).save(tmp_path / "val" / "horse" / "0.png")
+    with pytest.raises(MageError, match="horse"):
+        load_dataset(f"folder:{tmp_path}", "test")
+
+
 def test_folder_tiny_and_file_breaking_later(tmp_path):
     Image.new("RGB", (10, 10), (255, 255, 255)).save(tmp_path / "a.png")
     Image.new("RGB", (10, 10), (0, 0, 0)).save(tmp_path / "b.png")

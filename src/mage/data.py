@@ -486,6 +486,15 @@ class FolderDataset(ImageDataset):
         raise MageError(f"no readable image left in {self.root} ({self.split} split)")
 
 
+def _split_folders(root: Path) -> dict[str, str] | None:
+    """The original's layout (MAE / MAGE ``--data_path``): ``PATH/train`` next to ``PATH/val`` and/or
+    ``PATH/test``. Returns split -> subfolder name (test falls back to val and val to test), else None."""
+    held = [n for n in ("val", "test") if (root / n).is_dir()]
+    if not (root / "train").is_dir() or not held:
+        return None
+    return {"train": "train", "val": held[0], "test": held[-1]}
+
+
 def _folder_dataset(path_text: str, split: str, image_size: int, transform: Transform, seed: int, limit: int | None) -> FolderDataset:
     if not path_text:
         raise MageError("empty folder path in dataset spec: use folder:PATH")
@@ -494,25 +503,44 @@ def _folder_dataset(path_text: str, split: str, image_size: int, transform: Tran
         raise MageError(f"image folder {root} does not exist")
     if not root.is_dir():
         raise MageError(f"{root} is not a folder (dataset spec folder:PATH needs a directory of images)")
-    all_files = _scan_images(root)
+    layout = _split_folders(root)
+    if layout is not None:  # PATH/train + PATH/val: the folders are the splits, classes come from train
+        parts = sorted(set(layout.values())) if split == "all" else [layout[split]]
+        base = root / "train"
+        all_files = [f"{d}/{rel}" for d in parts for rel in _scan_images(root / d)]
+        train_files = _scan_images(base)
+    else:  # one folder: split by a stable hash of each path
+        base = root
+        all_files = train_files = _scan_images(root)
     if not all_files:
-        raise MageError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {root}")
+        where = f"{root}/{'|'.join(parts)}" if layout is not None else root
+        raise MageError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {where}")
 
-    # Labels: first-level subfolders that contain images (ImageFolder semantics).
-    classes = sorted({rel.split("/", 1)[0] for rel in all_files if "/" in rel})
+    def class_of(rel: str) -> str | None:  # first-level subfolder below the split folder (if any)
+        p = rel.split("/")[1:] if layout is not None else rel.split("/")
+        return p[0] if len(p) > 1 else None
+
+    # Labels: first-level subfolders (of train) that contain images (ImageFolder semantics).
+    classes = sorted({rel.split("/", 1)[0] for rel in train_files if "/" in rel})
     if classes:
-        loose = [rel for rel in all_files if "/" not in rel]
+        loose = [rel for rel in all_files if class_of(rel) is None]
         if loose:
             warnings.warn(
-                f"{root}: ignoring {len(loose)} image(s) at the top level (e.g. {loose[0]}): "
+                f"{base}: ignoring {len(loose)} image(s) at the top level (e.g. {loose[0]}): "
                 f"with class subfolders only images inside them are used",
                 UserWarning,
                 stacklevel=3,
             )
-        all_files = [rel for rel in all_files if "/" in rel]
+        all_files = [rel for rel in all_files if class_of(rel) is not None]
+        unknown = sorted({class_of(rel) for rel in all_files} - set(classes))
+        if unknown:
+            raise MageError(f"{root}: class folder(s) {', '.join(unknown[:3])} are not in {root / 'train'}")
     class_index = {c: i for i, c in enumerate(classes)}
 
-    files, reused = _folder_split(all_files, split)
+    if layout is not None:
+        files, reused = all_files, False
+    else:
+        files, reused = _folder_split(all_files, split)
     if reused:
         warnings.warn(
             f"{root} has only {len(all_files)} image(s): too few to hold out, the {split} split reuses all of them",
@@ -539,7 +567,7 @@ def _folder_dataset(path_text: str, split: str, image_size: int, transform: Tran
         )
     if not good:
         raise MageError(f"no readable images in the {split} split of {root} ({len(skipped)} unreadable)")
-    labels = [class_index[rel.split("/", 1)[0]] for rel in good] if classes else [-1] * len(good)
+    labels = [class_index[class_of(rel)] for rel in good] if classes else [-1] * len(good)
     return FolderDataset(
         root, good, labels, f"folder:{path_text}", split, image_size, classes or None, transform, seed, skipped
     )
@@ -673,7 +701,9 @@ def load_dataset(
         split: ``train`` | ``val`` | ``test`` | ``all``. Fixed splits: Fashion-MNIST 55k/5k/10k
             (val = last 5k of the train file, test = t10k); MNIST 50k/10k/10k (the pickle's parts);
             synthetic 2000/500/500 (disjoint seeded index ranges); folders ~90/5/5 by a stable
-            hash of each relative path.
+            hash of each relative path, unless PATH holds ``train/`` and ``val/`` (or ``test/``)
+            folders: then those are the splits (the original's ImageNet layout; test = val when there
+            is no ``test/``) and classes are ``train/``'s subfolders.
         image_size: output side ``S`` (28x28 MNISTs are zero-padded to 32 when ``S == 32``,
             resized otherwise).
         augment: ``none`` | ``flip`` | ``crop-flip`` (see :func:`mage.transforms.build_transform`);
