@@ -16,7 +16,7 @@ def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     html = open(report).read()
     for section in ("Linear probe", "Class agreement", "FID", "Unconditional samples", "Inpainting", "Outpainting", "Configs"):
         assert section in html, section
-    for png in ("samples_uncond.png", "samples_per_class.png", "inpaint.png", "outpaint.png", "reconstructions.png"):
+    for png in ("samples_uncond.png", "samples_per_class.png", "inpaint.png", "outpaint.png", "outpaint48.png", "reconstructions.png"):
         assert (out / png).is_file(), png
     assert 0 <= state["recognition"]["linear"] <= 100 and 0 <= state["agreement"]["agreement"] <= 100
     capsys.readouterr()

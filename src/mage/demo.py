@@ -6,7 +6,7 @@ Stages (each is reused when already finished; ``--fresh`` starts over; see ``_bu
   3. mage         pre-train a class-conditional MAGE (24-28% of the budget; label dropout keeps it unconditional)
   4. judge        a small CNN classifier on real images (for class agreement)
   5. recognition  linear probe and 1/10-shot on frozen features, and the same on raw pixels
-  6. samples      unconditional and per-class grids, inpaint (remove / replace), outpaint
+  6. samples      unconditional and per-class grids, inpaint (remove / replace), outpaint (16 -> 32, 32 -> 48 px)
   7. agreement    share of class-conditional samples the judge assigns to the intended class
   8. fid          FID / KID / precision-recall with the FID Inception (N scales with the budget: 2,000 at 60 min)
   9. fid-floor    real train images vs the same test reference (only when the budget has room)
@@ -182,6 +182,9 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
         outp = torch.stack([outpaint(pipe, c, 8, 8, 8, 8, sampler=s, seed=i) for i, c in enumerate(crops)])
         padded = torch.nn.functional.pad(crops, (8, 8, 8, 8), value=0.5)
         save_image(torch.cat([x, padded, outp]), os.path.join(out, "outpaint.png"), nrow=8)
+        # beyond the model's resolution: 32 -> 48 px, filled in overlapping 32 x 32 tiles
+        wide = torch.stack([outpaint(pipe, im, 8, 8, 8, 8, sampler=s, seed=100 + i) for i, im in enumerate(x)])
+        save_image(torch.cat([torch.nn.functional.pad(x, (8, 8, 8, 8), value=0.5), wide]), os.path.join(out, "outpaint48.png"), nrow=8)
         return {}
 
     def agreement_stage():
@@ -254,6 +257,7 @@ def write_report(out: str, state: dict[str, Any], configs: dict[str, Any], secon
     images = [("Unconditional samples", "samples_uncond.png"), ("10 samples per class (one row per class)", "samples_per_class.png"),
               ("Inpainting: test images, 25% box removed, filled (remove), filled with another class (replace)", "inpaint.png"),
               ("Outpainting 16 -> 32 px: test images, centre crops, uncropped", "outpaint.png"),
+              ("Outpainting 32 -> 48 px (overlapping 32 x 32 tiles): test images, extended", "outpaint48.png"),
               ("Tokenizer: test images (top) and reconstructions (bottom)", "reconstructions.png"),
               ("MAGE pre-training curve", "mage_curve.png")]
     md = ["# mage demo report\n", f"Fashion-MNIST, `fmnist-32` presets, budget {budget:.0f} min, ran {seconds / 60:.1f} min. {versions}\n",
