@@ -38,6 +38,17 @@ def test_shapes_and_dtypes():
     assert y.dtype == torch.float32 and y.shape == x.shape
 
 
+def test_cpu_decode_in_chunks_equals_one_batch(monkeypatch):
+    """decode() on a CPU splits big batches by CPU_DECODE_PIXELS (memory); the images are the same."""
+    tok = tiny_tok().eval()
+    ids = torch.randint(0, tok.config.codebook_size, (5, tok.config.num_tokens))
+    whole = tok.decoder(tok.quantize.lookup(ids, (tok.grid_size, tok.grid_size)))
+    calls = []
+    monkeypatch.setattr(tok.decoder, "forward", lambda z, f=tok.decoder.forward: calls.append(len(z)) or f(z))
+    monkeypatch.setattr(VQTokenizer, "CPU_DECODE_PIXELS", 2 * tok.config.image_size ** 2)
+    assert torch.allclose(tok.decode(ids), whole, atol=1e-5) and calls == [2, 2, 1]
+
+
 def test_encode_decode_round_trip_is_a_fixed_point():
     """Decoding the codes and re-encoding with the exact codebook vectors gives the same ids."""
     tok = tiny_tok().eval()
