@@ -31,6 +31,22 @@ def test_flop_counts_match_the_known_vit_b_numbers():
         assert abs(got["flops"] / 1e9 - want) / want < 0.01, (got, want)
 
 
+def test_weights_stored_in_bf16_halve_memory_and_stay_close():
+    from mage.precision import store_weights_bf16
+    torch.manual_seed(0)
+    m = MAGE(mage_preset("tiny")).eval()
+    tokens = torch.randint(0, m.config.codebook_size, (2, m.config.num_tokens))
+    ref = m.logits(tokens)
+    size = lambda mod: sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers()))  # noqa: E731
+    before = size(m)
+    store_weights_bf16(m)
+    assert size(m) < 0.6 * before                                          # the big weights are bf16 now
+    assert m.blocks[0].mlp.fc1.weight.dtype == torch.float32               # used in fp32 (no bf16 autocast)
+    got = m.logits(tokens)
+    assert got.dtype == torch.float32 and not torch.equal(got, ref)        # rounded weights: close, not equal
+    assert torch.allclose(got, ref, atol=0.05 * ref.abs().max().item())
+
+
 def test_explicit_attention_baseline_matches_sdpa():
     torch.manual_seed(0)
     from mage.model import Attention
@@ -51,11 +67,14 @@ def test_measure_counts_every_workload():
 
 def test_bench_cli_tiny(tmp_path):
     out = tmp_path / "b.json"
-    r = run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--precision", "fp32", "--workloads", "train+tok,gen-2",
+    r = run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--precision", "fp32,w16", "--workloads", "train+tok,gen-2",
                 "--baseline", "--repeats", "1", "--json", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
-    rows = {(x["workload"], x["mode"]): x for x in res["rows"]}
+    w16 = [x for x in res["rows"] if x["precision"] == "w16"]
+    assert [(x["workload"], x["mode"]) for x in w16] == [("gen-2", "mage")]   # inference only, no original way
+    assert w16[0]["speedup_vs_original"] > 0
+    rows = {(x["workload"], x["mode"]): x for x in res["rows"] if x["precision"] == "fp32"}
     assert set(rows) == {(w, m) for w in ("train+tok", "gen-2") for m in ("mage", "original")}
     for (w, mode), x in rows.items():
         assert "error" not in x, x

@@ -101,6 +101,8 @@ def test_generate_cli(tmp_path):
     assert len(list((tmp_path / "d").glob("*.png"))) == 2
     r = run_cli("generate", "--model", str(tmp_path / "m"), "--num", "2", "--classes", "all", "--steps", "2", "--out", str(tmp_path / "all.png"))
     assert r.returncode == 0, r.stderr
-    for bad in (["--class", "dragon"], ["--steps", "0"], ["--class", "9"]):
+    r = run_cli("generate", "--model", str(tmp_path / "m"), "--num", "2", "--steps", "2", "--weights", "bf16", "--out", str(tmp_path / "w16.png"))
+    assert r.returncode == 0 and (tmp_path / "w16.png").is_file(), r.stderr
+    for bad in (["--class", "dragon"], ["--steps", "0"], ["--class", "9"], ["--weights", "fp16"]):
         r = run_cli("generate", "--model", str(tmp_path / "m"), "--num", "2", *bad, "--out", str(tmp_path / "x.png"))
         assert r.returncode == 2 and r.stderr.startswith("mage: error:"), (bad, r.stderr)

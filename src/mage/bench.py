@@ -14,7 +14,8 @@ and 2*N*D*V for the tied output head; norms, activations, embeddings and the sam
 counted. A training step counts 3x its forward (backward ~ 2x forward). MFU = achieved FLOP/s / the
 machine's own matmul peak measured in the same run (large square matmuls, fp32 and bf16).
 
-``--baseline`` also runs every workload the way the original code does (fp32, explicit-softmax attention,
+``--precision w16`` runs the inference workloads with the weights stored in bf16 (half the weight memory;
+fp32 math where bf16 has no hardware). ``--baseline`` also runs every workload the way the original code does (fp32, explicit-softmax attention,
 eager) and prints our speed-up as a ratio from the same run. Timings on a shared machine vary run to run.
 """
 
@@ -127,8 +128,10 @@ def _timed(fn, dev: torch.device, repeats: int, warmup: int = 1) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, repeats: int = 2) -> dict[str, Any]:
-    """Seconds per call and forward FLOPs per image of one workload (in this process)."""
+def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, repeats: int = 2,
+            weights16: bool = False) -> dict[str, Any]:
+    """Seconds per call and forward FLOPs per image of one workload (in this process).
+    ``weights16``: inference with the weights stored in bf16 (:func:`mage.precision.store_weights_bf16`)."""
     from .model import MAGE
     from .sampler import SamplerConfig, decode_tokens
     from .vqgan import VQTokenizer
@@ -142,6 +145,10 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
     ac = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
     tok = VQTokenizer(tcfg).to(dev).eval()
     _live_modules[:] = [tok]
+    if weights16:
+        from .precision import store_weights_bf16
+
+        store_weights_bf16(tok)
     flops_per_image = 0.0
     with original_mode(baseline):
         if workload in ("encode", "decode"):
@@ -161,6 +168,8 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
             if workload.startswith("gen-"):
                 steps = int(workload[4:])
                 model.eval()
+                if weights16:
+                    store_weights_bf16(model)
                 sampler = SamplerConfig(steps=steps)
                 start = torch.full((batch, mcfg.num_tokens), model.vocab.mask_id, device=dev)
                 with torch.no_grad(), ac, count_flops() as c:
@@ -215,11 +224,12 @@ def _child(q, args: tuple, threads: int) -> None:
         q.put({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
 
 
-def measure_isolated(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, repeats: int = 2) -> dict[str, Any]:
+def measure_isolated(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, repeats: int = 2,
+                     weights16: bool = False) -> dict[str, Any]:
     """``measure`` in a fresh process (so peak memory is this workload's own)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, (workload, preset, batch, bf16, baseline, repeats), torch.get_num_threads()))
+    p = ctx.Process(target=_child, args=(q, (workload, preset, batch, bf16, baseline, repeats, weights16), torch.get_num_threads()))
     p.start()
     r = q.get()
     p.join()
@@ -243,6 +253,11 @@ def matmul_peak(dtype: torch.dtype, n: int | None = None, repeats: int = 3) -> d
 
 
 # --------------------------------------------------------------------------------------------------
+#: fp32; bf16 = autocast (fp32 master weights); w16 = inference with the weights stored in bf16 (fp32 math
+#: on hardware without bf16, autocast with it): the low-memory way to generate
+PRECISIONS = ("fp32", "bf16", "w16")
+
+
 def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_steps: list[int], baseline: bool = False,
               workloads: list[str] | None = None, repeats: int = 2) -> dict[str, Any]:
     """Everything in one run; prints a table as it goes and returns it as a dict (for --json)."""
@@ -252,13 +267,13 @@ def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_st
     for p in presets:
         if p not in TOKENIZER_FOR:
             raise MageError(f"unknown bench preset '{p}' (choose from: {', '.join(TOKENIZER_FOR)})")
-    bad = [p for p in precisions if p not in ("fp32", "bf16")]
+    bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
-        raise MageError(f"unknown precision {bad[0]} (fp32 | bf16)")
+        raise MageError(f"unknown precision {bad[0]} ({' | '.join(PRECISIONS)})")
     names = workloads or ["train", "train+tok"] + [f"gen-{s}" for s in gen_steps] + ["encode", "decode"]
     device = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     peaks = {"fp32": matmul_peak(torch.float32)}
-    if "bf16" in precisions:
+    if "bf16" in precisions or ("w16" in precisions and bf16_supported(dev)):
         peaks["bf16"] = matmul_peak(torch.bfloat16)
     print(f"device: {device} | matmul peak: " + ", ".join(f"{k} {v['gflops']:.1f} GFLOP/s (n={v['n']})" for k, v in peaks.items()),
           flush=True)
@@ -272,16 +287,19 @@ def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_st
                       f"(PyTorch emulates it, 10-400x slower than fp32; MAGE_BF16=1 forces it)", flush=True)
                 continue
             for w in names:
+                if prec == "w16" and w.startswith("train"):
+                    continue  # bf16-stored weights are for inference (training keeps fp32 master weights)
                 modes = ["mage"] + (["original"] if baseline else [])
                 got = {}
                 for mode in modes:
-                    if mode == "original" and prec == "bf16":
+                    if mode == "original" and prec != "fp32":
                         continue  # the original runs fp32 (bf16 autocast around it is not its code)
-                    r = measure_isolated(w, p, batch_size, prec == "bf16", mode == "original", repeats)
+                    fast = prec == "bf16" or (prec == "w16" and bf16_supported(dev))
+                    r = measure_isolated(w, p, batch_size, fast, mode == "original", repeats, prec == "w16")
                     row = {"preset": p, "workload": w, "precision": prec, "mode": mode, "batch": batch_size, **r}
                     if "error" not in r:
                         row["gflops_per_s"] = r["flops_per_image"] * r["images_per_s"] / 1e9
-                        row["mfu"] = row["gflops_per_s"] / peaks[prec]["gflops"]
+                        row["mfu"] = row["gflops_per_s"] / peaks["bf16" if fast else "fp32"]["gflops"]
                     got[mode] = row
                     rows.append(row)
                 base = got.get("original") or next((x for x in rows if x["preset"] == p and x["workload"] == w

@@ -163,7 +163,7 @@ def _inpaint(args: argparse.Namespace) -> int:
     from .transforms import load_image, save_image
 
     sampler = _sampler(args)
-    pipe = MAGEPipeline.from_pretrained(args.model)
+    pipe = MAGEPipeline.from_pretrained(args.model, weights=args.weights)
     tf, img = _load_for_model(pipe, args.image)
     H, W = img.shape[-2:]
     if (args.mask is None) == (args.box is None):
@@ -202,7 +202,7 @@ def _outpaint(args: argparse.Namespace) -> int:
         if k.strip() not in ext or not v.strip().isdigit():
             raise MageError(f"bad --extend '{args.extend}': expected e.g. left=8,right=8,top=0,bottom=16")
         ext[k.strip()] = int(v)
-    pipe = MAGEPipeline.from_pretrained(args.model)
+    pipe = MAGEPipeline.from_pretrained(args.model, weights=args.weights)
     tf, img = _load_for_model(pipe, args.image)
     out = outpaint(pipe, tf(img), class_label=args.class_label, sampler=sampler, seed=args.seed, **ext)
     save_image(out, args.out)
@@ -378,6 +378,7 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-schedule", default="constant", help="constant | linear")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weights", default="fp32", help="fp32 | bf16 (stored in bf16: half the memory, fp32 math without bf16 hardware)")
 
 
 def _sampler(args: argparse.Namespace):
@@ -406,7 +407,7 @@ def _generate(args: argparse.Namespace) -> int:
     sampler = _sampler(args)
     if args.num < 1:
         raise MageError("--num must be >= 1")
-    pipe = MAGEPipeline.from_pretrained(args.model)
+    pipe = MAGEPipeline.from_pretrained(args.model, weights=args.weights)
     if args.classes == "all":
         images = pipe.generate_per_class(args.num, sampler, args.seed, args.batch_size)
         nrow = args.num
@@ -535,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput, memory and MFU of training, generation, tokenizer (a benchmark, not a test)")
     p.add_argument("--preset", default="fmnist-32,vit-b", help="MAGE presets (each with its tokenizer), comma-separated")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--precision", default="fp32,bf16", help="fp32,bf16 (bf16 is skipped where it is emulated)")
+    p.add_argument("--precision", default="fp32,bf16", help="any of fp32, bf16 (autocast; skipped where it is emulated), "
+                   "w16 (inference with weights stored in bf16: half the weight memory)")
     p.add_argument("--gen-steps", default="20", help="decoding steps of the generation workloads, e.g. 8,20")
     p.add_argument("--workloads", default=None, help="subset of: train,train+tok,gen-S,encode,decode (default all)")
     p.add_argument("--baseline", action="store_true", help="also run the original's way (fp32, explicit softmax) for ratios")

@@ -28,8 +28,12 @@ class MAGEPipeline:
         return next(self.model.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, path: str, tokenizer: str | None = None, device: str | torch.device | None = None) -> "MAGEPipeline":
-        """Load model + tokenizer (default device: CUDA when available)."""
+    def from_pretrained(cls, path: str, tokenizer: str | None = None, device: str | torch.device | None = None,
+                        weights: str = "fp32") -> "MAGEPipeline":
+        """Load model + tokenizer (default device: CUDA when available). ``weights="bf16"`` keeps the weights
+        in bf16 (half the memory; see :func:`mage.precision.store_weights_bf16`)."""
+        if weights not in ("fp32", "bf16"):
+            raise MageError(f"unknown weights dtype '{weights}' (fp32 | bf16)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = MAGE.from_pretrained(path, map_location=device)
         tok_path = tokenizer or os.path.join(path, "tokenizer")
@@ -39,7 +43,12 @@ class MAGEPipeline:
         cpath = os.path.join(path, "classes.json")
         if os.path.isfile(cpath):
             classes = json.load(open(cpath))
-        return cls(model, VQTokenizer.from_pretrained(tok_path, map_location=device), classes)
+        tok = VQTokenizer.from_pretrained(tok_path, map_location=device)
+        if weights == "bf16":
+            from .precision import store_weights_bf16
+
+            store_weights_bf16(model), store_weights_bf16(tok)
+        return cls(model, tok, classes)
 
     # ---- classes ---------------------------------------------------------------------------------
     def class_index(self, name_or_id: str | int) -> int:

@@ -12,6 +12,7 @@ import functools
 import os
 
 import torch
+import torch.nn as nn
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,3 +34,29 @@ def autocast(device: torch.device | str, enabled: bool = True):
     if enabled and bf16_supported(dtype):
         return torch.autocast(dtype, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class _StoredBF16(nn.Module):
+    """Parametrization: the weight is stored in bf16 and used in fp32, or as is under bf16 autocast."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w if torch.is_autocast_enabled(w.device.type) else w.float()
+
+
+def store_weights_bf16(module: nn.Module) -> nn.Module:
+    """Inference with half the weight memory: every Linear / Conv2d / Embedding weight is kept in bf16.
+
+    Without bf16 hardware the matmuls still run in fp32 on the rounded weights (each weight is up-cast
+    when its layer runs: one layer's fp32 copy at a time, ~5% slower at vit-b sizes); under bf16
+    autocast the weights are used as they are (no cast copy before every matmul). Not for training:
+    the parameters become bf16 buffers of a parametrization and stop requiring gradients."""
+    from torch.nn.utils import parametrize
+
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)) and m.weight.dtype == torch.float32 \
+                and not parametrize.is_parametrized(m, "weight"):
+            parametrize.register_parametrization(m, "weight", _StoredBF16(), unsafe=True)
+            original = m.parametrizations.weight.original
+            original.data = original.data.to(torch.bfloat16)
+            original.requires_grad_(False)
+    return module
