@@ -69,6 +69,7 @@ def test_editing_cli(tiny_dir, tmp_path):
     mk.save(tmp_path / "mask.png")
     Image.new("L", (20, 20), 0).save(tmp_path / "wrong_size.png")
     ok = [("inpaint", "--box", "0,0,8,8"), ("inpaint", "--mask", str(tmp_path / "mask.png"), "--class", "a"),
+          ("inpaint", "--box", "0,0,8,8", "--weights", "bf16"),             # encodes with bf16-stored weights
           ("outpaint", "--extend", "left=8,right=0,top=4,bottom=4")]
     for cmd, *rest in ok:
         r = run_cli(cmd, "--model", str(tiny_dir), "--image", str(tmp_path / "img.png"), *rest, "--steps", "2",

@@ -3,7 +3,8 @@
 Workloads, for each preset (MAGE preset + its tokenizer: fmnist-32 + fmnist-32, vit-b/vit-l + maskgit-256):
   train      one pre-training step on cached tokens (forward, backward, AdamW)
   train+tok  the same step with the frozen VQGAN encoding the images inside the step (the original's way)
-  gen-S      generation from scratch: S decoding steps + VQGAN decode (S from --gen-steps)
+  gen-S      generation from scratch: S decoding steps + VQGAN decode (S from --gen-steps; the VQGAN encoder
+             is not held: generation never encodes)
   encode     VQGAN encode;  decode  VQGAN decode
 Weights are random (the cost does not depend on them). Each workload runs in a fresh subprocess so its peak
 memory (max RSS on CPU; max allocated on CUDA) is its own.
@@ -163,6 +164,8 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
                 with torch.no_grad(), ac:
                     fn()
         else:
+            if workload.startswith("gen-"):
+                del tok.encoder                                                # generation never encodes
             model = MAGE(mcfg).to(dev)
             _live_modules[:] = [tok, model]
             if workload.startswith("gen-"):

@@ -43,11 +43,13 @@ class MAGEPipeline:
         cpath = os.path.join(path, "classes.json")
         if os.path.isfile(cpath):
             classes = json.load(open(cpath))
-        tok = VQTokenizer.from_pretrained(tok_path, map_location=device)
-        if weights == "bf16":
+        if weights == "bf16":  # one model at a time: the fp32 copies never coexist
             from .precision import store_weights_bf16
 
-            store_weights_bf16(model), store_weights_bf16(tok)
+            store_weights_bf16(model)
+        tok = VQTokenizer.from_pretrained(tok_path, map_location=device)
+        if weights == "bf16":
+            store_weights_bf16(tok)
         return cls(model, tok, classes)
 
     # ---- classes ---------------------------------------------------------------------------------

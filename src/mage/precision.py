@@ -59,4 +59,18 @@ def store_weights_bf16(module: nn.Module) -> nn.Module:
             original = m.parametrizations.weight.original
             original.data = original.data.to(torch.bfloat16)
             original.requires_grad_(False)
+    _return_freed_memory()
     return module
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages of the freed fp32 weights back to the OS (glibc keeps them otherwise, so
+    the process would not shrink: vit-b measured 0.89 GB resident after the conversion instead of ~0.6)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        pass

@@ -210,7 +210,7 @@ class VQTokenizer(nn.Module):
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self.encoder.conv_in.weight.dtype   # the dtype it computes in (bf16-stored weights are used in fp32)
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != self.config.in_channels:
