@@ -378,6 +378,9 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-schedule", default="constant", help="constant | linear")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
+
+
+def _weights_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="fp32", help="fp32 | bf16 (stored in bf16: half the memory, fp32 math without bf16 hardware)")
 
 
@@ -477,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_label", default=None, help="class id or name (class-conditional models)")
     p.add_argument("--classes", default=None, help="'all': --num images of every class, one row per class")
     _sampler_args(p)
+    _weights_arg(p)
     p.add_argument("--out", required=True, help="a .png grid, or a folder of PNGs")
 
     p = sub.add_parser("inpaint", help="regenerate a region of an image (remove, or replace with --class)")
@@ -487,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_label", default=None, help="fill with this class (replace)")
     p.add_argument("--feather", type=int, default=0, help="soften the paste-back edge inside the mask (pixels)")
     _sampler_args(p)
+    _weights_arg(p)
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("outpaint", help="extend the canvas (uncrop) on any side")
@@ -495,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extend", required=True, help="left=N,right=N,top=N,bottom=N (pixels at the model's resolution)")
     p.add_argument("--class", dest="class_label", default=None)
     _sampler_args(p)
+    _weights_arg(p)
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("embed", help="one feature vector per image (mean-pooled encoder output)")
