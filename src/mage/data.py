@@ -507,8 +507,9 @@ def _folder_dataset(path_text: str, split: str, image_size: int, transform: Tran
     if layout is not None:  # PATH/train + PATH/val: the folders are the splits, classes come from train
         parts = sorted(set(layout.values())) if split == "all" else [layout[split]]
         base = root / "train"
-        all_files = [f"{d}/{rel}" for d in parts for rel in _scan_images(root / d)]
-        train_files = _scan_images(base)
+        scanned = {d: _scan_images(root / d) for d in {*parts, "train"}}              # each folder walked once
+        all_files = [f"{d}/{rel}" for d in parts for rel in scanned[d]]
+        train_files = scanned["train"]
     else:  # one folder: split by a stable hash of each path
         base = root
         all_files = train_files = _scan_images(root)

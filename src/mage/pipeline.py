@@ -34,8 +34,11 @@ class MAGEPipeline:
         in bf16 (half the memory; see :func:`mage.precision.store_weights_bf16`)."""
         if weights not in ("fp32", "bf16"):
             raise MageError(f"unknown weights dtype '{weights}' (fp32 | bf16)")
+        from .precision import store_weights_bf16
+
+        stored = store_weights_bf16 if weights == "bf16" else (lambda m: m)   # per model: fp32 copies never coexist
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = MAGE.from_pretrained(path, map_location=device)
+        model = stored(MAGE.from_pretrained(path, map_location=device))
         tok_path = tokenizer or os.path.join(path, "tokenizer")
         if not os.path.exists(tok_path):
             raise MageError(f"no tokenizer at {tok_path}: pass one explicitly")
@@ -43,14 +46,7 @@ class MAGEPipeline:
         cpath = os.path.join(path, "classes.json")
         if os.path.isfile(cpath):
             classes = json.load(open(cpath))
-        if weights == "bf16":  # one model at a time: the fp32 copies never coexist
-            from .precision import store_weights_bf16
-
-            store_weights_bf16(model)
-        tok = VQTokenizer.from_pretrained(tok_path, map_location=device)
-        if weights == "bf16":
-            store_weights_bf16(tok)
-        return cls(model, tok, classes)
+        return cls(model, stored(VQTokenizer.from_pretrained(tok_path, map_location=device)), classes)
 
     # ---- classes ---------------------------------------------------------------------------------
     def class_index(self, name_or_id: str | int) -> int:
