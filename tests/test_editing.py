@@ -29,6 +29,11 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
+def test_top_level_api_names():
+    import mage
+    assert (mage.MAGEPipeline, mage.inpaint, mage.outpaint) == (MAGEPipeline, inpaint, outpaint)
+
+
 def test_token_mask_any_overlap():
     m = torch.zeros(16, 16, dtype=torch.bool)
     m[5, 5] = True                                   # one pixel -> its 4x4 token

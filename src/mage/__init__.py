@@ -5,6 +5,9 @@ One model, trained once by masked token modeling, both generates and recognizes 
     import mage
     tok = mage.VQTokenizer.from_pretrained("runs/tok")       # images <-> token ids
     model = mage.MAGE.from_pretrained("runs/mage")           # masked token modeling encoder-decoder
+    pipe = mage.MAGEPipeline.from_pretrained("runs/mage")    # model + its tokenizer
+    images = pipe.generate(16, class_label="Bag")            # [16, 3, H, W] in [0, 1]
+    filled = mage.inpaint(pipe, image, box_mask)             # / mage.outpaint(pipe, image, left=8, right=8)
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ _LAZY = {
     "TokenizerConfig": "config",
     "MAGEConfig": "config",
     "load_dataset": "data",
+    "MAGEPipeline": "pipeline",
+    "inpaint": "pipeline",
+    "outpaint": "pipeline",
 }
 
 
