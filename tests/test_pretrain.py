@@ -47,6 +47,22 @@ def test_cache_has_flip_views(tiny_setup):
     assert tc.classes and not torch.equal(tc.views[:, 0], tc.views[:, 1])
 
 
+def test_cache_crop_views(tiny_setup, tmp_path):
+    """--crops K adds K seeded random-resized-crop views after the image and its mirror."""
+    from mage.errors import MageError
+    from mage.pretrain import TokenCache
+
+    _, tok, cache = tiny_setup
+    paths = [cache_tokens(tok, "synthetic", str(tmp_path / f"c{i}.safetensors"), limit=64, progress=False, crops=2)
+             for i in range(2)]
+    a, b, base = TokenCache(paths[0]), TokenCache(paths[1]), TokenCache(cache)
+    assert a.views.shape == (64, 4, 16) and a.meta["crops"] == "2"
+    assert torch.equal(a.views[:, :2], base.views) and torch.equal(a.views, b.views)       # same seed, same crops
+    assert not torch.equal(a.views[:, 2], a.views[:, 0]) and not torch.equal(a.views[:, 2], a.views[:, 3])
+    with pytest.raises(MageError, match="crop"):
+        cache_tokens(tok, "synthetic", str(tmp_path / "bad.safetensors"), limit=64, progress=False, crop_scale=0)
+
+
 def test_pretrain_runs_and_learns(tiny_setup, tmp_path):
     _, tok, cache = tiny_setup
     cfg = _cfg(max_steps=40, dropout=0.0, blr=4e-3, ckpt_every=40)

@@ -126,7 +126,8 @@ def _cache_tokens(args: argparse.Namespace) -> int:
     from .pretrain import cache_tokens
 
     path = cache_tokens(args.tokenizer, args.data, args.out, split=args.split, data_dir=args.data_dir,
-                        limit=args.limit, flip=not args.no_flip, batch_size=args.batch_size)
+                        limit=args.limit, flip=not args.no_flip, batch_size=args.batch_size,
+                        crops=args.crops, crop_scale=args.crop_scale)
     print(f"token cache written to {path}")
     return 0
 
@@ -454,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.add_argument("--out", required=True, help="cache file (.safetensors)")
     p.add_argument("--no-flip", action="store_true", help="do not add horizontally flipped copies")
+    p.add_argument("--crops", type=int, default=0, help="also cache K random-resized-crop views per image "
+                   "(the original's augmentation; pre-training draws one view per step)")
+    p.add_argument("--crop-scale", type=float, default=0.2, help="smallest crop area fraction (default 0.2, the original's)")
     p.add_argument("--batch-size", type=int, default=256)
 
     p = sub.add_parser("pretrain", help="pre-train MAGE by masked token modeling")

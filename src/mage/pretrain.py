@@ -38,25 +38,37 @@ from .vqgan import VQTokenizer
 # token cache
 # --------------------------------------------------------------------------------------------------
 def cache_tokens(tokenizer: str, data: str, out: str, split: str = "train", data_dir: str | None = None,
-                 limit: int | None = None, flip: bool = True, batch_size: int = 256, progress: bool = True) -> str:
-    """Tokenize a dataset split once: ``views`` [N, V, L] (view 0 = image, view 1 = its mirror) + ``labels``."""
-    from .data import load_dataset
-    from .transforms import hflip
+                 limit: int | None = None, flip: bool = True, batch_size: int = 256, progress: bool = True,
+                 crops: int = 0, crop_scale: float = 0.2, seed: int = 0) -> str:
+    """Tokenize a dataset split once: ``views`` [N, V, L] + ``labels``. View 0 = the image, view 1 = its mirror
+    (``flip``), then ``crops`` random-resized crops (area fraction in [crop_scale, 1], the original's
+    ``RandomResizedCrop`` + random flip; seeded per image and view) -- pre-training draws a view per step,
+    so a cache with crops trains with the original's augmentation, and MAGE-C contrasts two different views."""
+    from .data import item_generator, load_dataset
+    from .transforms import hflip, random_hflip, random_resized_crop
 
+    if crops < 0 or not 0 < crop_scale <= 1:
+        raise MageError(f"--crops must be >= 0 and --crop-scale in (0, 1] (got {crops}, {crop_scale})")
     tok = VQTokenizer.from_pretrained(tokenizer)
-    ds = load_dataset(data, split, tok.config.image_size, "none", data_dir, 0, limit)
+    S = tok.config.image_size
+    ds = load_dataset(data, split, S, "none", data_dir, 0, limit)
     views, labels = [], []
     for s in tqdm(range(0, len(ds), batch_size), desc=f"cache-tokens {data}:{split}", disable=not progress):
-        items = [ds[i] for i in range(s, min(len(ds), s + batch_size))]
-        x = torch.stack([im for im, _ in items])
+        ids = range(s, min(len(ds), s + batch_size))
+        items = [ds[i] for i in ids]
+        x = torch.stack([im for im, _ in items])                                  # [b, 3, S, S]
         batch = [tok.encode(x)]
         if flip:
             batch.append(tok.encode(hflip(x)))
+        for v in range(crops):
+            gens = [item_generator(seed, 1 + v, i) for i in ids]
+            batch.append(tok.encode(torch.stack([random_hflip(random_resized_crop(im, S, (crop_scale, 1.0), generator=g), generator=g)
+                                                 for im, g in zip(x, gens)])))
         views.append(torch.stack(batch, 1))                                       # [b, V, L]
         labels += [y for _, y in items]
     meta = {"data": data, "split": split, "tokenizer": os.path.abspath(resolve_checkpoint(tokenizer)) if os.path.isdir(tokenizer) else os.path.abspath(tokenizer),
             "codebook_size": str(tok.config.codebook_size), "num_tokens": str(tok.config.num_tokens),
-            "classes": json.dumps(getattr(ds, "classes", None))}
+            "classes": json.dumps(getattr(ds, "classes", None)), "crops": str(crops), "crop_scale": str(crop_scale)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     dtype = torch.int16 if tok.config.codebook_size < 32768 else torch.int32
