@@ -87,6 +87,19 @@ def test_probe_cli_classify_round_trip(tiny_setup, tmp_path):  # noqa: F811
     assert r.returncode == 0, r.stderr
     r = run_cli("classify", "--classifier", str(tmp_path / "clf-flat"), *paths, "--json")
     assert r.returncode == 0 and len(json.loads(r.stdout)) == 3, r.stderr
+    # the tokens-only baseline: every token's code vector, no MAGE
+    from mage.recognition import embed_dataset
+    from mage.vqgan import VQTokenizer
+    t = VQTokenizer.from_pretrained(tok)
+    r = embed_dataset(f"codes:{tok}", "synthetic", "test", limit=8, progress=False)
+    assert r["features"].shape == (8, t.config.num_tokens * t.config.code_dim)
+    x = torch.stack([load_dataset("synthetic", "test", t.config.image_size, limit=8)[i][0] for i in range(2)])
+    assert torch.equal(r["features"][:2], t.quantize.embedding(t.encode(x).long()).flatten(1))
+    r = run_cli("probe", "few-shot", "--model", f"codes:{tok}", "--data", "synthetic", "--limit", "100",
+                "--shots", "1", "--draws", "2", "--json")
+    assert r.returncode == 0 and set(json.loads(r.stdout.strip().splitlines()[-1])) == {"1"}, r.stderr
+    r = run_cli("probe", "linear", "--model", "codes:/no/such/tokenizer", "--data", "synthetic")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = run_cli("probe", "linear", "--model", str(tmp_path / "m"), "--data", "synthetic", "--pool", "max")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "unknown pool" in r.stderr
     (tmp_path / "bad.png").write_text("nope")

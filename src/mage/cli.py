@@ -233,7 +233,7 @@ def _embed(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     import torch
 
-    from .recognition import accuracy, cached_features, few_shot, save_classifier, train_probe
+    from .recognition import accuracy, cached_features, few_shot, is_baseline, save_classifier, train_probe
 
     tr = cached_features(args.model, args.data, "train", args.pool, args.data_dir, args.limit)
     te = cached_features(args.model, args.data, "test", args.pool, args.data_dir, args.limit)
@@ -248,13 +248,13 @@ def _probe(args: argparse.Namespace) -> int:
         m = {"top1": accuracy(logits, te["labels"], 1)}
         if C > 5:
             m["top5"] = accuracy(logits, te["labels"], 5)
-        if args.out and args.model != "pixels":
+        if args.out and not is_baseline(args.model):
             from .vqgan import VQTokenizer
             size = VQTokenizer.from_pretrained(os.path.join(args.model, "tokenizer")).config.image_size
             save_classifier(args.out, head, args.model, args.pool, tr["classes"], size, m)
         print(json.dumps(m) if args.json else
               f"linear probe on {args.data} test: top-1 {m['top1']:.2f}%" + (f", top-5 {m['top5']:.2f}%" if "top5" in m else "")
-              + (f" (classifier saved to {args.out})" if args.out and args.model != "pixels" else ""))
+              + (f" (classifier saved to {args.out})" if args.out and not is_baseline(args.model) else ""))
     else:
         shots = [int(s) for s in args.shots.split(",")]
         r = few_shot(tr["features"], tr["labels"], te["features"], te["labels"], shots, args.draws, args.seed)
@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("embed", help="one feature vector per image (mean-pooled encoder output)")
-    p.add_argument("--model", required=True, help="MAGE run directory, or 'pixels'")
+    p.add_argument("--model", required=True, help="MAGE run directory, or a baseline: 'pixels' | 'codes:TOKENIZER'")
     _data_args(p)
     p.add_argument("--split", default="train")
     p.add_argument("--pool", default="mean", help=POOL_HELP)
@@ -516,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("probe", help="linear probe or few-shot evaluation on frozen features")
     p.add_argument("kind", choices=["linear", "few-shot"])
-    p.add_argument("--model", required=True, help="MAGE run directory, or 'pixels' for the raw-pixel baseline")
+    p.add_argument("--model", required=True, help="MAGE run directory, or a baseline without MAGE: 'pixels' (raw "
+                   "pixels) | 'codes:TOKENIZER' (every token's code vector: what the tokens alone hold)")
     _data_args(p)
     p.add_argument("--pool", default="mean", help=POOL_HELP)
     p.add_argument("--out", default=None, help="where to save the classifier (linear) / results (few-shot)")

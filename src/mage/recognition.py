@@ -56,12 +56,29 @@ def extract_features(model, tokenizer, images: torch.Tensor, pool: str = "mean")
     return pool_features(model.features(tokenizer.encode(images)), pool)
 
 
+def is_baseline(model: str) -> bool:
+    """``pixels`` or ``codes:TOKENIZER``: feature baselines without a MAGE model (nothing cached, no classifier)."""
+    return model == "pixels" or model.startswith("codes:")
+
+
 def embed_dataset(model_dir: str, data: str, split: str = "train", pool: str = "mean", data_dir: str | None = None,
                   limit: int | None = None, batch_size: int = 256, progress: bool = True) -> dict[str, Any]:
-    """Features of a dataset split. ``model_dir='pixels'`` gives raw pixels (the baseline)."""
+    """Features of a dataset split. Baselines without MAGE: ``model_dir='pixels'`` gives raw pixels,
+    ``'codes:TOKENIZER'`` each token's code vector in raster order ([L * code_dim]: what the tokens alone hold)."""
     check_pool(pool)
     from .data import load_dataset
 
+    if model_dir.startswith("codes:"):
+        from .vqgan import VQTokenizer
+
+        tok = VQTokenizer.from_pretrained(model_dir[len("codes:"):]).eval()
+        ds = load_dataset(data, split, tok.config.image_size, "none", data_dir, 0, limit)
+        out = []
+        with torch.no_grad():
+            for s in tqdm(range(0, len(ds), batch_size), desc=f"codes {data}:{split}", disable=not progress, leave=False):
+                x = torch.stack([ds[i][0] for i in range(s, min(len(ds), s + batch_size))])
+                out.append(tok.quantize.embedding(tok.encode(x).long()).float().flatten(1))   # [b, L * code_dim]
+        return {"features": torch.cat(out), "labels": ds.labels(), "classes": ds.classes}
     if model_dir == "pixels":
         ds = load_dataset(data, split, 32, "none", data_dir, 0, limit)
         x = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -81,7 +98,7 @@ def embed_dataset(model_dir: str, data: str, split: str = "train", pool: str = "
 def cached_features(model_dir: str, data: str, split: str, pool: str = "mean", data_dir: str | None = None,
                     limit: int | None = None) -> dict[str, Any]:
     """``embed_dataset`` cached under MODEL_DIR/features/ (so repeated probes are cheap)."""
-    if model_dir == "pixels":
+    if is_baseline(model_dir):
         return embed_dataset(model_dir, data, split, pool, data_dir, limit)
     tag = "".join(c if c.isalnum() else "_" for c in f"{data}-{split}-{pool}-{limit}")
     path = os.path.join(model_dir, "features", tag + ".npz")
