@@ -45,13 +45,14 @@ def cache_tokens(tokenizer: str, data: str, out: str, split: str = "train", data
     ``RandomResizedCrop`` + random flip; seeded per image and view) -- pre-training draws a view per step,
     so a cache with crops trains with the original's augmentation, and MAGE-C contrasts two different views."""
     from .data import item_generator, load_dataset
-    from .transforms import hflip, random_hflip, random_resized_crop
+    from .transforms import Compose, RandomHFlip, RandomResizedCrop, hflip
 
     if crops < 0 or not 0 < crop_scale <= 1:
         raise MageError(f"--crops must be >= 0 and --crop-scale in (0, 1] (got {crops}, {crop_scale})")
     tok = VQTokenizer.from_pretrained(tokenizer)
     S = tok.config.image_size
     ds = load_dataset(data, split, S, "none", data_dir, 0, limit)
+    crop = Compose([RandomResizedCrop(S, scale=(crop_scale, 1.0)), RandomHFlip(0.5)])
     views, labels = [], []
     for s in tqdm(range(0, len(ds), batch_size), desc=f"cache-tokens {data}:{split}", disable=not progress):
         ids = range(s, min(len(ds), s + batch_size))
@@ -61,9 +62,7 @@ def cache_tokens(tokenizer: str, data: str, out: str, split: str = "train", data
         if flip:
             batch.append(tok.encode(hflip(x)))
         for v in range(crops):
-            gens = [item_generator(seed, 1 + v, i) for i in ids]
-            batch.append(tok.encode(torch.stack([random_hflip(random_resized_crop(im, S, (crop_scale, 1.0), generator=g), generator=g)
-                                                 for im, g in zip(x, gens)])))
+            batch.append(tok.encode(torch.stack([crop(im, item_generator(seed, 1 + v, i)) for im, i in zip(x, ids)])))
         views.append(torch.stack(batch, 1))                                       # [b, V, L]
         labels += [y for _, y in items]
     meta = {"data": data, "split": split, "tokenizer": os.path.abspath(resolve_checkpoint(tokenizer)) if os.path.isdir(tokenizer) else os.path.abspath(tokenizer),
