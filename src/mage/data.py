@@ -283,14 +283,14 @@ def _fashion_mnist_arrays(split: str, data_dir: str | None) -> tuple[np.ndarray,
             raise MageError(f"cannot read Fashion-MNIST in {folder}: {img_name} and {lbl_name} do not match")
         return images, labels
 
+    if split == "test":  # the test files alone: no need to read (and decompress) the 26 MB train file
+        return part("test")
     train_images, train_labels = part("train")
     if split == "train":
         return train_images[:FASHION_MNIST_TRAIN], train_labels[:FASHION_MNIST_TRAIN]
     if split == "val":
         return train_images[FASHION_MNIST_TRAIN:], train_labels[FASHION_MNIST_TRAIN:]
     test_images, test_labels = part("test")
-    if split == "test":
-        return test_images, test_labels
     return np.concatenate([train_images, test_images]), np.concatenate([train_labels, test_labels])
 
 
