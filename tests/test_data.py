@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import shutil
 import warnings
 from pathlib import Path
 
@@ -172,6 +173,18 @@ def test_fashion_mnist_splits_and_items():
     small = load_dataset("fashion-mnist", "train", image_size=16, augment="crop-flip", limit=5)
     assert len(small) == 5
     check_item(small[4], 16, 10)
+
+
+@needs_fashion
+def test_fashion_mnist_test_split_reads_only_the_test_files(tmp_path):
+    for name in FASHION_FILES[2:]:
+        shutil.copy(Path(DEFAULT_FASHION_MNIST_DIR) / name, tmp_path / name)
+    for name in FASHION_FILES[:2]:
+        (tmp_path / name).write_bytes(b"")  # present but unreadable: only the train / val splits need them
+    ds = load_dataset("fashion-mnist", "test", image_size=32, data_dir=str(tmp_path))
+    assert len(ds) == 10000 and torch.equal(ds.labels(), load_dataset("fashion-mnist", "test", image_size=32).labels())
+    with pytest.raises(MageError, match="cannot read"):
+        load_dataset("fashion-mnist", "train", data_dir=str(tmp_path))
 
 
 @needs_mnist

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mage.checkpoint import save_checkpoint
-from mage.config import mage_preset, tokenizer_preset
+from mage.config import finetune_preset, mage_preset, tokenizer_preset
 from mage.model import MAGE
 from mage.pretrain import cache_tokens, pretrain
 from mage.vqgan import VQTokenizer
@@ -163,3 +163,14 @@ def test_time_budget_schedule_and_stop():
     spent = TimeBudget(1e-5, DistInfo())                     # 0.6 ms budget: the clock is past the end
     time.sleep(0.01)
     assert spent.schedule_step(5, 100) == 100 and spent.out_of_time()
+
+
+def test_gpu_presets_keep_the_fmnist_model():
+    """fmnist-32-gpu changes the recipe only: its checkpoints load wherever fmnist-32's do."""
+    cpu, gpu = mage_preset("fmnist-32"), mage_preset("fmnist-32-gpu")
+    arch = ("num_tokens", "codebook_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+            "decoder_num_heads", "mlp_ratio")
+    assert [getattr(cpu, k) for k in arch] == [getattr(gpu, k) for k in arch]
+    assert gpu.blr * gpu.batch_size / 256 == pytest.approx(2e-3) and gpu.dropout == 0.1 and gpu.max_minutes == 0
+    ft = finetune_preset("fmnist-32-gpu")
+    assert ft.bf16 and ft.batch_size == 1024 and ft.layer_decay == finetune_preset("fmnist-32").layer_decay

@@ -169,6 +169,11 @@ MAGE_PRESETS: dict[str, MAGEConfig] = {
     "vit-l": MAGEConfig(legacy_vocab=True, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024,
                         decoder_depth=8, decoder_num_heads=16, grad_checkpointing=True),
 }
+# the same model with a GPU recipe: ~100 epochs in 6.5 min on an H200 (sharing it with two other runs), with the
+# original's dropout and 5 warm-up epochs; lr = 5e-4 * 1024 / 256 = 2e-3. Pair it with a --crops token cache.
+MAGE_PRESETS["fmnist-32-gpu"] = dataclasses.replace(MAGE_PRESETS["fmnist-32"], dropout=0.1, batch_size=1024, blr=5e-4,
+                                                    epochs=100, warmup_epochs=5, max_minutes=0.0, log_every=50,
+                                                    ckpt_every=1000)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,6 +212,10 @@ FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
     "vit-b": FinetuneConfig(),
     "vit-l": FinetuneConfig(layer_decay=0.75, drop_path=0.2, epochs=50),
 }
+# fine-tuning a fmnist-32-gpu model on a GPU: ~35 epochs in 1.5 min on a shared H200 gave 90.5% (165 epochs: 90.7%)
+FINETUNE_PRESETS["fmnist-32-gpu"] = dataclasses.replace(FINETUNE_PRESETS["fmnist-32"], batch_size=1024, blr=5e-4,
+                                                        epochs=40, warmup_epochs=3, max_minutes=0.0, bf16=True,
+                                                        log_every=50, ckpt_every=1000)
 
 
 # --------------------------------------------------------------------------------------------------
