@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Recognition on a CUDA machine (repo root): MAGE, MAGE-C and a wider MAGE pre-trained side by side for the same
 # wall time on one crop token cache, each then fine-tuned; frozen-feature probes are run afterwards anywhere.
-#   CACHE=runs/demo60b/tokens-crops3.safetensors DATA_DIR=dir-with-fashion-mnist-gz bash scripts/gpu_recognition.sh
+#   CACHE=runs/demo60b/tokens-crops3.safetensors [DATA_DIR=dir-with-fashion-mnist-gz] bash scripts/gpu_recognition.sh
 # The cache: mage cache-tokens --tokenizer runs/demo60b/tokenizer --data fashion-mnist --crops 3 --crop-scale 0.35 --out ...
 # Measured (README, Results): PM=6.5 FM=1.5 on one H200, ~8.5 minutes in all.
 set -u
+: "${CACHE:?set CACHE to a token cache made by mage cache-tokens (with --crops)}"
 export PYTHONPATH=src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 PY=${PY:-python3}
 PM=${PM:-6.5}; FM=${FM:-1.5}; R=${RUNS:-runs}
@@ -17,7 +18,7 @@ $PY -m mage pretrain $P --out "$R/gA" > "$LOGS/pA.log" 2>&1 &
 $PY -m mage pretrain $P --contrastive --out "$R/gB" > "$LOGS/pB.log" 2>&1 &
 $PY -m mage pretrain $P $WIDE --out "$R/gC" > "$LOGS/pC.log" 2>&1 &
 wait
-F="--cache $CACHE --data-dir $DATA_DIR --preset fmnist-32-gpu --max-minutes $FM --set epochs=100000"
+F="--cache $CACHE ${DATA_DIR:+--data-dir $DATA_DIR} --preset fmnist-32-gpu --max-minutes $FM --set epochs=100000"
 for r in A B C; do
   $PY -m mage finetune --model "$R/g$r" $F --out "$R/f$r" > "$LOGS/f$r.log" 2>&1 &
 done
