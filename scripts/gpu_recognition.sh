@@ -14,10 +14,11 @@ mkdir -p "$LOGS"
 # epochs=100000: the run is bounded by --max-minutes and the cosine follows wall time
 P="--cache $CACHE --preset fmnist-32-gpu --max-minutes $PM --set epochs=100000"
 WIDE="--set embed_dim=192 --set num_heads=6 --set decoder_embed_dim=192 --set decoder_depth=4 --set decoder_num_heads=6"
+declare -A X=([A]="" [B]="--contrastive" [C]="$WIDE")   # A = MAGE, B = MAGE-C, C = wider MAGE
 V=${VARIANTS:-A B C}   # e.g. VARIANTS=B PM=11 FM=2: MAGE-C alone (fine-tuning alone ran 2x the images/s of one of three)
+for r in $V; do [[ -v X[$r] ]] || { echo "unknown variant $r (A, B or C)" >&2; exit 2; }; done   # before any launch
 for r in $V; do
-  case $r in A) X="";; B) X="--contrastive";; C) X="$WIDE";; *) echo "unknown variant $r (A, B or C)"; exit 2;; esac
-  $PY -m mage pretrain $P $X --out "$R/g$r" > "$LOGS/p$r.log" 2>&1 &
+  $PY -m mage pretrain $P ${X[$r]} --out "$R/g$r" > "$LOGS/p$r.log" 2>&1 &
 done
 wait
 F="--cache $CACHE ${DATA_DIR:+--data-dir $DATA_DIR} --preset fmnist-32-gpu --max-minutes $FM --set epochs=100000"

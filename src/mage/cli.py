@@ -248,13 +248,14 @@ def _probe(args: argparse.Namespace) -> int:
         m = {"top1": accuracy(logits, te["labels"], 1)}
         if C > 5:
             m["top5"] = accuracy(logits, te["labels"], 5)
-        if args.out and not is_baseline(args.model):
+        save = bool(args.out) and not is_baseline(args.model)
+        if save:
             from .vqgan import VQTokenizer
             size = VQTokenizer.from_pretrained(os.path.join(args.model, "tokenizer")).config.image_size
             save_classifier(args.out, head, args.model, args.pool, tr["classes"], size, m)
         print(json.dumps(m) if args.json else
               f"linear probe on {args.data} test: top-1 {m['top1']:.2f}%" + (f", top-5 {m['top5']:.2f}%" if "top5" in m else "")
-              + (f" (classifier saved to {args.out})" if args.out and not is_baseline(args.model) else ""))
+              + (f" (classifier saved to {args.out})" if save else ""))
     else:
         shots = [int(s) for s in args.shots.split(",")]
         r = few_shot(tr["features"], tr["labels"], te["features"], te["labels"], shots, args.draws, args.seed)
