@@ -12,7 +12,8 @@ PM=${PM:-6.5}; FM=${FM:-1.5}; R=${RUNS:-runs}
 LOGS=${LOGS:-$R/gpu-logs}
 mkdir -p "$LOGS"
 # epochs=100000: the run is bounded by --max-minutes and the cosine follows wall time
-P="--cache $CACHE --preset fmnist-32-gpu --max-minutes $PM --set epochs=100000"
+# EXTRA: more pre-training flags, e.g. EXTRA="--set codebook_size=2048" for a cache of the 2048-code tokenizer
+P="--cache $CACHE --preset fmnist-32-gpu --max-minutes $PM --set epochs=100000 ${EXTRA:-}"
 WIDE="--set embed_dim=192 --set num_heads=6 --set decoder_embed_dim=192 --set decoder_depth=4 --set decoder_num_heads=6"
 declare -A X=([A]="" [B]="--contrastive" [C]="$WIDE")   # A = MAGE, B = MAGE-C, C = wider MAGE
 V=${VARIANTS:-A B C}   # e.g. VARIANTS=B PM=11 FM=2: MAGE-C alone (fine-tuning alone ran 2x the images/s of one of three)

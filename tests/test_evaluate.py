@@ -103,6 +103,25 @@ def test_judge_learns(judge_and_model):
     assert "test accuracy" in out
 
 
+def test_judge_through_tokenizer_sees_only_reconstructions(tmp_path):
+    """--through-tokenizer trains and tests on encode -> decode: a tokenizer whose decoder outputs a constant
+    image leaves nothing to learn, so the judge falls to chance (on the images themselves it scores > 50%)."""
+    torch.manual_seed(0)
+    tok = VQTokenizer(tokenizer_preset("tiny"))
+    torch.nn.init.zeros_(tok.decoder.conv_out.weight)
+    torch.nn.init.zeros_(tok.decoder.conv_out.bias)
+    save_checkpoint(str(tmp_path / "tok"), tok.state_dict(), tok.config)
+    r = run_cli("evaluate", "train-judge", "--data", "synthetic:1000", "--epochs", "8", "--width", "16", "--batch-size", "32",
+                "--through-tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "judge"))
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "judge" / "judge.json").read_text())
+    assert meta["test_accuracy"] < 35 and meta["through_tokenizer"] == str(tmp_path / "tok"), meta
+    assert meta["image_size"] == 16 and "through" in r.stdout
+    r = run_cli("evaluate", "train-judge", "--data", "synthetic:100", "--through-tokenizer", str(tmp_path / "nope"),
+                "--out", str(tmp_path / "j2"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_agreement_and_fid_cli(judge_and_model, tmp_path):
     judge, model, _ = judge_and_model
     out = tmp_path / "agree.json"

@@ -336,10 +336,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not args.out:
             raise MageError("train-judge needs --out DIR")
         m = ev.train_judge(args.data, args.out, epochs=args.epochs, width=args.width, batch_size=args.batch_size,
-                           max_minutes=args.max_minutes,
-                           data_dir=args.data_dir, seed=args.seed)
+                           max_minutes=args.max_minutes, data_dir=args.data_dir, seed=args.seed,
+                           through_tokenizer=args.through_tokenizer)
+        what = f"{args.data} through {args.through_tokenizer}" if args.through_tokenizer else args.data
         print(json.dumps(m) if args.json else
-              f"judge trained on {args.data}: test accuracy {m['test_accuracy']:.2f}% ({m['steps']} steps, {m['seconds']:.0f} s) -> {args.out}")
+              f"judge trained on {what}: test accuracy {m['test_accuracy']:.2f}% ({m['steps']} steps, {m['seconds']:.0f} s) -> {args.out}")
         return 0
     if args.kind == "agreement":
         if not args.model or not args.judge:
@@ -577,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=4, help="train-judge: epochs (default 4)")
     p.add_argument("--width", type=int, default=32, help="train-judge: channels of the first stage (default 32)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="train-judge: wall-clock limit (0 = none)")
+    p.add_argument("--through-tokenizer", default=None, metavar="TOKENIZER",
+                   help="train-judge: train and test on this tokenizer's reconstructions (the recognition ceiling of its tokens)")
     _sampler_args(p)
     p.add_argument("--out", default=None, help="fid/agreement: JSON file; train-judge: judge directory")
     p.add_argument("--json", action="store_true", help="print the full JSON instead of one line")

@@ -437,16 +437,35 @@ def _augment(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
 
 def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_size: int = 128, lr: float = 2e-3,
                 image_size: int = 32, max_minutes: float = 0.0, data_dir: str | None = None, seed: int = 0,
-                progress: bool = True) -> dict[str, Any]:
-    """Train the judge CNN on a labelled dataset's train split; report and save its test accuracy."""
+                progress: bool = True, through_tokenizer: str | None = None) -> dict[str, Any]:
+    """Train the judge CNN on a labelled dataset's train split; report and save its test accuracy.
+
+    ``through_tokenizer``: train and test on the tokenizer's reconstructions (encode -> decode) instead of the
+    images. The test accuracy is then what a supervised CNN can learn from what the tokens keep -- a ceiling
+    for recognition on those tokens (a linear probe on frozen MAGE features rarely beats it)."""
     from .checkpoint import atomic_write_json
     from .data import load_dataset
 
+    tok = None
+    if through_tokenizer:
+        from .vqgan import VQTokenizer
+
+        tok = VQTokenizer.from_pretrained(through_tokenizer).eval()
+        image_size = tok.config.image_size
     tr = load_dataset(data, "train", image_size, "none", data_dir, seed, None)
     te = load_dataset(data, "test", image_size, "none", data_dir, seed, None)
     if tr.classes is None:
         raise MageError(f"{data} has no labels: the judge needs a labelled dataset")
-    x = torch.stack([tr[i][0] for i in range(len(tr))])
+
+    def images(ds, split: str) -> torch.Tensor:                                 # [N, 3, S, S] in [0, 1]
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        if tok is None:
+            return x
+        with torch.no_grad():
+            return torch.cat([tok.decode(tok.encode(x[s:s + 500])).clamp(0, 1)
+                              for s in tqdm(range(0, len(x), 500), desc=f"reconstruct {split}", disable=not progress, leave=False)])
+
+    x = images(tr, "train")
     y = tr.labels()
     C = len(tr.classes)
     torch.manual_seed(seed)
@@ -480,12 +499,13 @@ def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_s
                 continue
             break
     net.eval()
-    xt = torch.stack([te[i][0] for i in range(len(te))])
+    xt = images(te, "test")
     with torch.no_grad():
         pred = torch.cat([net(xt[s:s + 500].to(dev)).argmax(1).cpu() for s in range(0, len(xt), 500)])
     acc = 100.0 * (pred == te.labels()).float().mean().item()
     meta = {"data": data, "classes": tr.classes, "image_size": image_size, "width": width, "test_accuracy": acc,
-            "steps": step, "seconds": round(time.time() - t0, 1)}
+            "steps": step, "seconds": round(time.time() - t0, 1),
+            "through_tokenizer": os.path.abspath(through_tokenizer) if through_tokenizer else None}
     os.makedirs(out, exist_ok=True)
     from safetensors.torch import save_file
     tmp = os.path.join(out, "judge.safetensors.tmp")
