@@ -446,11 +446,12 @@ def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_s
     from .checkpoint import atomic_write_json
     from .data import load_dataset
 
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = None
     if through_tokenizer:
         from .vqgan import VQTokenizer
 
-        tok = VQTokenizer.from_pretrained(through_tokenizer).eval()
+        tok = VQTokenizer.from_pretrained(through_tokenizer).to(dev).eval()
         image_size = tok.config.image_size
     tr = load_dataset(data, "train", image_size, "none", data_dir, seed, None)
     te = load_dataset(data, "test", image_size, "none", data_dir, seed, None)
@@ -462,14 +463,13 @@ def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_s
         if tok is None:
             return x
         with torch.no_grad():
-            return torch.cat([tok.decode(tok.encode(x[s:s + 500])).clamp(0, 1)
+            return torch.cat([tok.decode(tok.encode(x[s:s + 500].to(dev))).clamp(0, 1).cpu()
                               for s in tqdm(range(0, len(x), 500), desc=f"reconstruct {split}", disable=not progress, leave=False)])
 
     x = images(tr, "train")
     y = tr.labels()
     C = len(tr.classes)
     torch.manual_seed(seed)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = Judge(C, width).to(dev)
     steps = max(1, int(epochs * len(x) / batch_size))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
