@@ -459,12 +459,12 @@ def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_s
         raise MageError(f"{data} has no labels: the judge needs a labelled dataset")
 
     def images(ds, split: str) -> torch.Tensor:                                 # [N, 3, S, S] in [0, 1]
-        x = torch.stack([ds[i][0] for i in range(len(ds))])
         if tok is None:
-            return x
-        with torch.no_grad():
-            return torch.cat([tok.decode(tok.encode(x[s:s + 500].to(dev))).clamp(0, 1).cpu()
-                              for s in tqdm(range(0, len(x), 500), desc=f"reconstruct {split}", disable=not progress, leave=False)])
+            return torch.stack([ds[i][0] for i in range(len(ds))])
+        from .recognition import map_batches
+
+        return map_batches(ds, lambda b: tok.decode(tok.encode(b.to(dev))).clamp(0, 1).cpu(), 500,
+                           f"reconstruct {split}", progress)
 
     x = images(tr, "train")
     y = tr.labels()

@@ -73,7 +73,7 @@ def embed_dataset(model_dir: str, data: str, split: str = "train", pool: str = "
 
         tok = VQTokenizer.from_pretrained(model_dir[len("codes:"):]).eval()
         ds = load_dataset(data, split, tok.config.image_size, "none", data_dir, 0, limit)
-        codes = _map_batches(ds, lambda x: tok.quantize.embedding(tok.encode(x).long()).float().flatten(1),  # [b, L * code_dim]
+        codes = map_batches(ds, lambda x: tok.quantize.embedding(tok.encode(x).long()).float().flatten(1),  # [b, L * code_dim]
                              batch_size, f"codes {data}:{split}", progress)
         return {"features": codes, "labels": ds.labels(), "classes": ds.classes}
     if model_dir == "pixels":
@@ -85,14 +85,14 @@ def embed_dataset(model_dir: str, data: str, split: str = "train", pool: str = "
 
     pipe = MAGEPipeline.from_pretrained(model_dir)
     ds = load_dataset(data, split, pipe.tokenizer.config.image_size, "none", data_dir, 0, limit)
-    feats = _map_batches(ds, lambda x: extract_features(pipe.model, pipe.tokenizer, x, pool), batch_size,
+    feats = map_batches(ds, lambda x: extract_features(pipe.model, pipe.tokenizer, x, pool), batch_size,
                          f"embed {data}:{split}", progress)
     return {"features": feats, "labels": ds.labels(), "classes": ds.classes or pipe.classes}
 
 
 @torch.no_grad()
-def _map_batches(ds, fn, batch_size: int, desc: str, progress: bool) -> torch.Tensor:
-    """fn over the dataset's images in batches ([b, 3, S, S] -> [b, F]), concatenated: [N, F]."""
+def map_batches(ds, fn, batch_size: int, desc: str, progress: bool) -> torch.Tensor:
+    """fn over the dataset's images in batches ([b, 3, S, S] -> [b, ...]), concatenated: [N, ...]."""
     out = []
     for s in tqdm(range(0, len(ds), batch_size), desc=desc, disable=not progress, leave=False):
         out.append(fn(torch.stack([ds[i][0] for i in range(s, min(len(ds), s + batch_size))])))
