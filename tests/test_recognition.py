@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from mage.checkpoint import load_checkpoint
@@ -105,6 +106,27 @@ def test_probe_cli_classify_round_trip(tiny_setup, tmp_path):  # noqa: F811
     (tmp_path / "bad.png").write_text("nope")
     r = run_cli("classify", "--classifier", str(tmp_path / "clf"), str(tmp_path / "bad.png"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where the device tool lends one)")
+def test_features_classify_and_token_cache_on_cuda(tiny_setup, tmp_path):  # noqa: F811
+    """On a GPU machine the pipeline loads onto CUDA: images from the CPU must reach it, features come back."""
+    from mage.pipeline import MAGEPipeline
+    from mage.pretrain import TokenCache, cache_tokens
+    from mage.recognition import extract_features
+
+    _, tok, _ = tiny_setup
+    cfg = mage_preset("tiny")
+    cfg.max_steps = 2
+    pretrain(cfg, str(tmp_path / "m"), cache=tiny_setup[2], progress=False)
+    x = torch.rand(4, 3, 16, 16)
+    cpu, gpu = (MAGEPipeline.from_pretrained(str(tmp_path / "m"), device=d) for d in ("cpu", "cuda"))
+    f_cpu = extract_features(cpu.model, cpu.tokenizer, x)
+    f_gpu = extract_features(gpu.model, gpu.tokenizer, x)
+    assert f_gpu.device.type == "cpu" and torch.allclose(f_cpu, f_gpu, atol=1e-3)
+    a = TokenCache(cache_tokens(tok, "synthetic", str(tmp_path / "a.safetensors"), limit=16, progress=False, device="cpu"))
+    b = TokenCache(cache_tokens(tok, "synthetic", str(tmp_path / "b.safetensors"), limit=16, progress=False, device="cuda"))
+    assert (a.views == b.views).float().mean() > 0.99          # nearest-code ties may break differently
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,17 +39,20 @@ from .vqgan import VQTokenizer
 # --------------------------------------------------------------------------------------------------
 def cache_tokens(tokenizer: str, data: str, out: str, split: str = "train", data_dir: str | None = None,
                  limit: int | None = None, flip: bool = True, batch_size: int = 256, progress: bool = True,
-                 crops: int = 0, crop_scale: float = 0.2, seed: int = 0) -> str:
+                 crops: int = 0, crop_scale: float = 0.2, seed: int = 0, device: str | None = None) -> str:
     """Tokenize a dataset split once: ``views`` [N, V, L] + ``labels``. View 0 = the image, view 1 = its mirror
     (``flip``), then ``crops`` random-resized crops (area fraction in [crop_scale, 1], the original's
     ``RandomResizedCrop`` + random flip; seeded per image and view) -- pre-training draws a view per step,
-    so a cache with crops trains with the original's augmentation, and MAGE-C contrasts two different views."""
+    so a cache with crops trains with the original's augmentation, and MAGE-C contrasts two different views.
+    The tokenizer runs on ``device`` (default: CUDA when available); crops are drawn on the CPU either way."""
     from .data import item_generator, load_dataset
     from .transforms import Compose, RandomHFlip, RandomResizedCrop, hflip
 
     if crops < 0 or not 0 < crop_scale <= 1:
         raise MageError(f"--crops must be >= 0 and --crop-scale in (0, 1] (got {crops}, {crop_scale})")
-    tok = VQTokenizer.from_pretrained(tokenizer)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok = VQTokenizer.from_pretrained(tokenizer, map_location=dev)
+    enc = lambda x: tok.encode(x).cpu()                                            # noqa: E731  [b, L]
     S = tok.config.image_size
     ds = load_dataset(data, split, S, "none", data_dir, 0, limit)
     crop = Compose([RandomResizedCrop(S, scale=(crop_scale, 1.0)), RandomHFlip(0.5)])
@@ -58,11 +61,11 @@ def cache_tokens(tokenizer: str, data: str, out: str, split: str = "train", data
         ids = range(s, min(len(ds), s + batch_size))
         items = [ds[i] for i in ids]
         x = torch.stack([im for im, _ in items])                                  # [b, 3, S, S]
-        batch = [tok.encode(x)]
+        batch = [enc(x)]
         if flip:
-            batch.append(tok.encode(hflip(x)))
+            batch.append(enc(hflip(x)))
         for v in range(crops):
-            batch.append(tok.encode(torch.stack([crop(im, item_generator(seed, 1 + v, i)) for im, i in zip(x, ids)])))
+            batch.append(enc(torch.stack([crop(im, item_generator(seed, 1 + v, i)) for im, i in zip(x, ids)])))
         views.append(torch.stack(batch, 1))                                       # [b, V, L]
         labels += [y for _, y in items]
     meta = {"data": data, "split": split, "tokenizer": os.path.abspath(resolve_checkpoint(tokenizer)) if os.path.isdir(tokenizer) else os.path.abspath(tokenizer),

@@ -52,8 +52,9 @@ def pool_features(h: torch.Tensor, pool: str = "mean") -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(model, tokenizer, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
-    """images [B,3,H,W] in [0,1] -> features [B, D] ([B, L*D] for pool="flat")."""
-    return pool_features(model.features(tokenizer.encode(images)), pool)
+    """images [B,3,H,W] in [0,1] -> features [B, D] ([B, L*D] for pool="flat"), fp32 on the CPU
+    (the model and tokenizer may sit on a GPU)."""
+    return pool_features(model.features(tokenizer.encode(images)), pool).float().cpu()
 
 
 def is_baseline(model: str) -> bool:

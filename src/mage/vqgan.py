@@ -180,9 +180,11 @@ class VQTokenizer(nn.Module):
     # ---- the public API --------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B,3,H,W] float in [0,1] -> ids [B, (H/f)*(W/f)] (row-major token grid)."""
+        """images [B,3,H,W] float in [0,1] (any device: moved to the tokenizer's) -> ids [B, (H/f)*(W/f)]
+        (row-major token grid) on the tokenizer's device."""
         self._check_images(images)
-        return self.quantize.nearest(self.encoder(images.to(self._dtype())))
+        w = self.encoder.conv_in.weight
+        return self.quantize.nearest(self.encoder(images.to(w.device, self._dtype())))
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
