@@ -70,8 +70,10 @@ def _budget_plan(budget: float) -> dict[str, Any]:
 def _features_from_tokens(model, tokens: torch.Tensor, pool: str = "mean", batch: int = 500) -> torch.Tensor:
     from .recognition import pool_features
 
+    dev = next(model.parameters()).device                                          # CUDA when there is one
     with torch.no_grad():
-        return torch.cat([pool_features(model.features(tokens[s:s + batch]), pool) for s in range(0, len(tokens), batch)])
+        return torch.cat([pool_features(model.features(tokens[s:s + batch].to(dev)), pool).float().cpu()
+                          for s in range(0, len(tokens), batch)])
 
 
 def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool = False,
