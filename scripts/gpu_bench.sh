@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/gpu_bench}
 BATCH=${BATCH:-16}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-$PY -m mage bench --preset fmnist-32,vit-b --batch-size "$BATCH" --gen-steps 8,20 --baseline --repeats 3 --json "$OUT/bench.json"
+$PY -m mage bench --preset fmnist-32,vit-b --batch-size "$BATCH" --gen-steps 8,20 --baseline --compile --repeats 3 --json "$OUT/bench.json"
 if [ -n "${MODEL:-}" ]; then
   $PY - <<PYEOF
 import json

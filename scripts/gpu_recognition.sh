@@ -10,6 +10,7 @@
 # Knobs: VARIANTS (A = MAGE, B = MAGE-C, C = wider MAGE; default "A B C"), PM / FM (pre-train / fine-tune minutes),
 # EXTRA / FEXTRA (more pre-training / fine-tuning flags), PROBE=0 (no probes), POOLS (default "mean flat"), RUNS, LOGS,
 # PACK=DIR (copy weights -- no optimizer state -- probe results and logs there, in 15 MB pieces: for $OUT).
+# COMPILE (pretrain --compile mode, default "default"; COMPILE= for eager; falls back to eager on a compiler error).
 # Measured (README, Results): PM=6.5 FM=1.5 on one H200, ~8.5 minutes in all.
 set -u
 : "${CACHE:?set CACHE to a token cache made by mage cache-tokens (with --crops), or to where TOKENIZER should build one}"
@@ -33,7 +34,8 @@ if [ ! -f "$CACHE" ]; then
   echo "cache built in $(( $(date +%s) - t0 )) s"
 fi
 # epochs=100000: the run is bounded by --max-minutes and the cosine follows wall time
-P="--cache $CACHE ${TOKENIZER:+--tokenizer $TOKENIZER} --preset fmnist-32-gpu --max-minutes $PM --set epochs=100000 ${EXTRA:-}"
+COMPILE=${COMPILE-default}   # the 8x8 step was launch-bound on the H200 (21 ms per step at batch 16)
+P="--cache $CACHE ${TOKENIZER:+--tokenizer $TOKENIZER} --preset fmnist-32-gpu --max-minutes $PM --set epochs=100000 ${COMPILE:+--compile $COMPILE} ${EXTRA:-}"
 for r in $V; do
   $PY -m mage pretrain $P ${X[$r]} --out "$R/g$r" > "$LOGS/p$r.log" 2>&1 &
 done

@@ -9,7 +9,7 @@ from mage.config import mage_preset, tokenizer_preset
 from mage.model import MAGE
 from mage.vqgan import VQTokenizer
 
-from test_tokenizer import run_cli
+from test_tokenizer import ENV, run_cli
 
 
 def test_flop_counts_match_the_known_vit_b_numbers():
@@ -65,21 +65,24 @@ def test_measure_counts_every_workload():
     assert got["train+tok"]["flops_per_image"] == got["train"]["flops_per_image"] + got["encode"]["flops_per_image"]
 
 
-def test_bench_cli_tiny(tmp_path):
+def test_bench_cli_tiny(tmp_path, monkeypatch):
     out = tmp_path / "b.json"
+    # --compile's rows without the compiler's minute: real compiling is tested in test_pretrain
+    monkeypatch.setitem(ENV, "TORCH_COMPILE_DISABLE", "1")
     r = run_cli("bench", "--preset", "tiny", "--batch-size", "2", "--precision", "fp32,w16", "--workloads", "train+tok,gen-2",
-                "--baseline", "--repeats", "1", "--json", str(out))
+                "--baseline", "--compile", "--repeats", "1", "--json", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     w16 = [x for x in res["rows"] if x["precision"] == "w16"]
     assert [(x["workload"], x["mode"]) for x in w16] == [("gen-2", "mage")]   # inference only, no original way
     assert w16[0]["speedup_vs_original"] > 0
     rows = {(x["workload"], x["mode"]): x for x in res["rows"] if x["precision"] == "fp32"}
-    assert set(rows) == {(w, m) for w in ("train+tok", "gen-2") for m in ("mage", "original")}
+    # --compile adds a torch.compile row for the training workload only
+    assert set(rows) == {(w, m) for w in ("train+tok", "gen-2") for m in ("mage", "original")} | {("train+tok", "compiled")}
     for (w, mode), x in rows.items():
         assert "error" not in x, x
         assert x["images_per_s"] > 0 and x["flops_per_image"] > 0 and x["peak_memory_gb"] > 0
-        if mode == "mage":
+        if mode != "original":
             assert x["speedup_vs_original"] > 0
     assert res["matmul_peak"]["fp32"]["gflops"] > 0 and "MFU" in r.stdout
     r = run_cli("bench", "--preset", "nope")

@@ -7,7 +7,7 @@ import torch
 
 from mage.config import mage_preset
 from mage.errors import MageError
-from mage.model import MAGE, masks_from_noise, truncated_normal
+from mage.model import MAGE, kept_positions, masks_from_noise, truncated_normal
 from mage.vocab import Vocab
 
 
@@ -122,3 +122,30 @@ def test_class_conditional_embedding():
     c = m.logits(tokens)
     assert not torch.allclose(a, b)
     assert torch.equal(b, c)                      # label -1 == the unconditional (fake class token) path
+
+
+def test_kept_positions_is_the_boolean_token_drop():
+    """The static gather keeps exactly what the original's boolean indexing keeps, in the same order."""
+    L = 17
+    drop, _ = masks_from_noise(torch.rand(5, L, generator=torch.Generator().manual_seed(1)), 9, 12)
+    x = torch.randn(5, L, 3)
+    keep = kept_positions(drop, 9)
+    assert keep.shape == (5, 8) and (keep.diff(dim=1) > 0).all()
+    assert torch.equal(x.gather(1, keep[..., None].expand(-1, -1, 3)), x[~drop].view(5, -1, 3))
+    with pytest.raises(MageError, match="exactly 8 dropped"):
+        kept_positions(drop, 8)
+
+
+def test_training_step_is_one_graph():
+    """No graph break and no data-dependent shape in the training forward (class tokens, MAGE-C head, dropout
+    included), so torch.compile / CUDA graphs capture it whole; the captured graph computes the same loss."""
+    m = tiny(num_classes=3, class_drop_prob=0.0, contrastive_weight=0.1, dropout=0.0).train()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 32, (4, 16), generator=g)
+    drop, mask, _ = m.sample_masks(4, g)
+    labels = torch.tensor([0, 1, -1, 2])
+    want = m(tokens, drop, mask, labels)
+    got = torch.compile(m, fullgraph=True, backend="eager")(tokens, drop, mask, labels)   # raises on a graph break
+    assert torch.allclose(got["loss"], want["loss"]) and torch.allclose(got["proj"], want["proj"])
+    got["loss"].backward()
+    assert m.blocks[0].attn.qkv.weight.grad is not None

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -109,6 +110,37 @@ def test_ddp_two_ranks_match_one(tiny_setup, tmp_path):
     assert all(abs(a - b) < 1e-4 * abs(a) for a, b in zip(l1, l2)), (l1, l2)
 
 
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compile_trains_like_eager(tiny_setup, tmp_path, capsys):
+    """--compile (inductor) gives the eager run's losses (no dropout, so no RNG difference), without falling back."""
+    _, _, cache = tiny_setup
+    kw = dict(max_steps=4, dropout=0.0, contrastive_weight=0.1, ckpt_every=4)
+    pretrain(_cfg(**kw), str(tmp_path / "eager"), cache=cache, progress=False)
+    pretrain(_cfg(**kw, compile="default"), str(tmp_path / "compiled"), cache=cache, progress=False)
+    assert "warning" not in capsys.readouterr().out
+    le = [json.loads(l)["loss"] for l in open(tmp_path / "eager" / "log.jsonl")]
+    lc = [json.loads(l)["loss"] for l in open(tmp_path / "compiled" / "log.jsonl")]
+    assert len(le) == 4 and all(abs(a - b) < 1e-4 * abs(a) for a, b in zip(le, lc)), (le, lc)
+
+
+def test_compile_failure_falls_back_to_eager(tiny_setup, tmp_path, capsys, monkeypatch):
+    """A compiler that fails on the first step costs a warning, not the run: the eager run's exact losses."""
+    _, _, cache = tiny_setup
+
+    def broken(module, **kw):
+        def f(*a, **k):
+            raise RuntimeError("no compiler here\nsecond line")
+        return f
+
+    pretrain(_cfg(max_steps=3), str(tmp_path / "eager"), cache=cache, progress=False)
+    monkeypatch.setattr(torch, "compile", broken)
+    pretrain(_cfg(max_steps=3, compile="reduce-overhead"), str(tmp_path / "fb"), cache=cache, progress=False)
+    out = capsys.readouterr().out
+    assert "warning: --compile reduce-overhead failed (RuntimeError: no compiler here); training eagerly" in out
+    le = [json.loads(l)["loss"] for l in open(tmp_path / "eager" / "log.jsonl")]
+    assert le == [json.loads(l)["loss"] for l in open(tmp_path / "fb" / "log.jsonl")]
+
+
 def test_import_official_cli(official_a, expected, tmp_path):
     r = run_cli("import-official", "--mage", str(official_a / "mage_official.pth"), "--out", str(tmp_path / "imp"),
                 "--num-heads", "4", "--decoder-num-heads", "4")
@@ -134,6 +166,7 @@ def test_bad_inputs(tiny_setup, tmp_path):
         ("pretrain", "--cache", cache, "--preset", "nope", "--out", str(tmp_path / "o3")),
         ("pretrain", "--cache", cache, "--preset", "tiny", "--init", str(bad_dir), "--out", str(tmp_path / "o4")),
         ("pretrain", "--data", "synthetic", "--tokenizer", str(tmp_path / "missing"), "--preset", "tiny", "--out", str(tmp_path / "o5")),
+        ("pretrain", "--cache", cache, "--preset", "tiny", "--compile", "fastest", "--out", str(tmp_path / "o6")),
     ]
     for args in cases:
         r = run_cli(*args)

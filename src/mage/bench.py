@@ -130,9 +130,10 @@ def _timed(fn, dev: torch.device, repeats: int, warmup: int = 1) -> float:
 
 
 def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, repeats: int = 2,
-            weights16: bool = False) -> dict[str, Any]:
+            weights16: bool = False, compiled: bool = False) -> dict[str, Any]:
     """Seconds per call and forward FLOPs per image of one workload (in this process).
-    ``weights16``: inference with the weights stored in bf16 (:func:`mage.precision.store_weights_bf16`)."""
+    ``weights16``: inference with the weights stored in bf16 (:func:`mage.precision.store_weights_bf16`).
+    ``compiled``: training through ``torch.compile`` (as ``mage pretrain --compile``; compiling is in the warm-up)."""
     from .model import MAGE
     from .sampler import SamplerConfig, decode_tokens
     from .vqgan import VQTokenizer
@@ -199,17 +200,19 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
                         tok.encode(images)
                     flops_per_image += c["flops"] / batch
 
+                fwd = torch.compile(model) if compiled else model
+
                 def run():
                     t = tokens
                     if workload == "train+tok":
                         with torch.no_grad(), ac:
                             t = tok.encode(images)
                     with ac:
-                        loss = model(t, drop, mask)["loss"]
+                        loss = fwd(t, drop, mask)["loss"]
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-        seconds = _timed(run, dev, repeats)
+        seconds = _timed(run, dev, repeats, warmup=3 if compiled else 1)
     return {"seconds": seconds, "images_per_s": batch / seconds, "flops_per_image": flops_per_image}
 
 
@@ -228,11 +231,11 @@ def _child(q, args: tuple, threads: int) -> None:
 
 
 def measure_isolated(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, repeats: int = 2,
-                     weights16: bool = False) -> dict[str, Any]:
+                     weights16: bool = False, compiled: bool = False) -> dict[str, Any]:
     """``measure`` in a fresh process (so peak memory is this workload's own)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, (workload, preset, batch, bf16, baseline, repeats, weights16), torch.get_num_threads()))
+    p = ctx.Process(target=_child, args=(q, (workload, preset, batch, bf16, baseline, repeats, weights16, compiled), torch.get_num_threads()))
     p.start()
     r = q.get()
     p.join()
@@ -262,8 +265,9 @@ PRECISIONS = ("fp32", "bf16", "w16")
 
 
 def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_steps: list[int], baseline: bool = False,
-              workloads: list[str] | None = None, repeats: int = 2) -> dict[str, Any]:
-    """Everything in one run; prints a table as it goes and returns it as a dict (for --json)."""
+              workloads: list[str] | None = None, repeats: int = 2, compile: bool = False) -> dict[str, Any]:
+    """Everything in one run; prints a table as it goes and returns it as a dict (for --json).
+    ``compile``: the training workloads also run through ``torch.compile`` (mode "compiled")."""
     from .precision import bf16_supported
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -292,13 +296,13 @@ def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_st
             for w in names:
                 if prec == "w16" and w.startswith("train"):
                     continue  # bf16-stored weights are for inference (training keeps fp32 master weights)
-                modes = ["mage"] + (["original"] if baseline else [])
+                modes = ["mage"] + (["compiled"] if compile and w.startswith("train") else []) + (["original"] if baseline else [])
                 got = {}
                 for mode in modes:
                     if mode == "original" and prec != "fp32":
                         continue  # the original runs fp32 (bf16 autocast around it is not its code)
                     fast = prec == "bf16" or (prec == "w16" and bf16_supported(dev))
-                    r = measure_isolated(w, p, batch_size, fast, mode == "original", repeats, prec == "w16")
+                    r = measure_isolated(w, p, batch_size, fast, mode == "original", repeats, prec == "w16", mode == "compiled")
                     row = {"preset": p, "workload": w, "precision": prec, "mode": mode, "batch": batch_size, **r}
                     if "error" not in r:
                         row["gflops_per_s"] = r["flops_per_image"] * r["images_per_s"] / 1e9
@@ -311,7 +315,7 @@ def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_st
                     if "error" in row:
                         print(f"{p:>9} {w:>9} {prec:>5} {mode:>8} {batch_size:>5}  error: {row['error']}", flush=True)
                         continue
-                    if mode == "mage" and base is not None and "error" not in base:
+                    if mode != "original" and base is not None and "error" not in base:
                         row["speedup_vs_original"] = row["images_per_s"] / base["images_per_s"]
                     su = f"{row['speedup_vs_original']:.2f}x" if "speedup_vs_original" in row else ""
                     print(f"{p:>9} {w:>9} {prec:>5} {mode:>8} {batch_size:>5} {row['images_per_s']:>9.3f} "

@@ -142,6 +142,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         cfg.num_classes = -1  # resolved from the data
     if args.contrastive:
         cfg.contrastive_weight = cfg.contrastive_weight or 0.1
+    if args.compile is not None:
+        cfg.compile = args.compile
     res = pretrain(cfg, out=args.out, data=args.data, tokenizer=args.tokenizer, cache=args.cache,
                    data_dir=args.data_dir, limit=args.limit, resume=args.resume, init=args.init)
     print(f"MAGE saved to {args.out}: step {res['step']}, loss {res['loss']:.4f}, masked-token acc {100 * res['acc']:.2f}%")
@@ -312,7 +314,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     res = run_bench(args.preset.split(","), args.batch_size, args.precision.split(","),
                     [int(s) for s in args.gen_steps.split(",")], args.baseline,
-                    args.workloads.split(",") if args.workloads else None, args.repeats)
+                    args.workloads.split(",") if args.workloads else None, args.repeats, args.compile)
     if args.json:
         from .checkpoint import atomic_write_json
         atomic_write_json(args.json, res)
@@ -472,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="start from these MAGE weights (e.g. to fine-tune a generator)")
     p.add_argument("--class-conditional", action="store_true", help="learn a class embedding (label dropout for CFG)")
     p.add_argument("--contrastive", action="store_true", help="MAGE-C: add the InfoNCE loss")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the training step (default mode; or reduce-overhead = + CUDA graphs, "
+                        "max-autotune); falls back to eager with a warning if compiling fails")
 
     p = sub.add_parser("import-official", help="convert the released MAGE / VQGAN checkpoints")
     p.add_argument("--mage", default=None, help="original MAGE .pth ({'model': ...})")
@@ -555,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", default=None, help="subset of: train,train+tok,gen-S,encode,decode (default all)")
     p.add_argument("--baseline", action="store_true", help="also run the original's way (fp32, explicit softmax) for ratios")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per workload (after one warm-up)")
+    p.add_argument("--compile", action="store_true", help="also time the training workloads through torch.compile "
+                   "(mode 'compiled', as pretrain --compile)")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
 
     p = sub.add_parser("evaluate", help="FID / KID / precision-recall, FID-like score, class agreement, judge training")

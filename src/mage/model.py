@@ -142,6 +142,18 @@ def masks_from_noise(noise: torch.Tensor, num_dropped: int, num_masked: int) -> 
     return ranks < num_dropped, ranks < num_masked
 
 
+def kept_positions(drop: torch.Tensor, num_dropped: int) -> torch.Tensor:
+    """drop [B, N] with exactly ``num_dropped`` True per row -> kept positions [B, N - num_dropped], ascending.
+
+    A gather with a static length instead of boolean indexing: no host sync and no data-dependent shape, so
+    a training step can be captured whole by ``torch.compile`` / CUDA graphs. (Checked on CPU tensors only:
+    the check itself would be a host sync on a GPU.)"""
+    if drop.device.type == "cpu" and not torch.compiler.is_compiling() and not (drop.sum(1) == num_dropped).all():
+        raise MageError(f"token dropping needs exactly {num_dropped} dropped positions per row "
+                        f"(ceil(mask_ratio_min * num_tokens)); got {sorted(set(drop.sum(1).tolist()))}")
+    return drop.to(torch.uint8).argsort(dim=1, stable=True)[:, : drop.shape[1] - num_dropped]
+
+
 # --------------------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------------------
@@ -206,26 +218,24 @@ class MAGE(nn.Module):
                 x = blk(x)
         return x
 
-    def encode(self, ids: torch.Tensor, drop: torch.Tensor | None, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [B, 1+L] (class token first, [MASK] at masked positions), drop [B, 1+L] or None
-        -> encoder output after the final norm [B, 1+L-n_drop, D]."""
+    def encode(self, ids: torch.Tensor, keep: torch.Tensor | None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, 1+L] (class token first, [MASK] at masked positions), keep [B, Lk] (ascending positions that
+        survive token dropping, see :func:`kept_positions`) or None -> encoder output after the final norm [B, Lk, D]."""
         x = self._embed(ids, labels)
-        if drop is not None:
-            B, _, D = x.shape
-            x = x[~drop].view(B, -1, D)                                            # keep row-major order
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))            # [B, Lk, D]
         return self.norm(self._run(self.blocks, x))
 
-    def decode(self, latent: torch.Tensor, drop: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-        """latent [B, Lk, D], drop/mask [B, 1+L] -> logits [B, 1+L, V].
+    def decode(self, latent: torch.Tensor, keep: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        """latent [B, Lk, D], keep [B, Lk] or None, mask [B, 1+L] -> logits [B, 1+L, V].
 
         Every dropped or masked position is filled with the projected class-token feature (the original's
         ``pad_with_cls_token``), so the decoder sees encoder output only at position 0 and visible tokens."""
         x = self.decoder_embed(latent)                                             # [B, Lk, Dd]
         B, _, Dd = x.shape
         cls_feat = x[:, :1].expand(B, mask.shape[1], Dd)                           # [B, 1+L, Dd]
-        if drop is not None:
-            full = cls_feat.clone()
-            full[~drop] = x.reshape(-1, Dd)
+        if keep is not None:
+            full = cls_feat.scatter(1, keep[..., None].expand(-1, -1, Dd), x)       # kept rows back in place
         else:
             full = x
         x = torch.where(mask[..., None], cls_feat, full) + self.decoder_pos_embed_learned
@@ -255,9 +265,10 @@ class MAGE(nn.Module):
             labels = torch.where(keep, labels, torch.full_like(labels, -1))
         pad = torch.zeros_like(mask[:, :1])
         drop1, mask1 = torch.cat([pad, drop], 1), torch.cat([pad, mask], 1)          # [B, 1+L]
+        keep = kept_positions(drop1, math.ceil(L * self.config.mask_ratio_min))      # [B, 1+L-n_drop]
         ids = self._with_class_token(torch.where(mask, self.vocab.mask_id, tokens))
-        latent = self.encode(ids, drop1, labels)                                   # [B, 1+L-n_drop, D]
-        logits = self.decode(latent, drop1, mask1)                                 # [B, 1+L, V]
+        latent = self.encode(ids, keep, labels)                                    # [B, 1+L-n_drop, D]
+        logits = self.decode(latent, keep, mask1)                                  # [B, 1+L, V]
         code_logits = logits[:, 1:, : self.vocab.codebook_size].float()            # [B, L, K]
         ce = F.cross_entropy(code_logits.reshape(-1, code_logits.shape[-1]), tokens.reshape(-1),
                              reduction="none", label_smoothing=self.config.label_smoothing).view(B, L)

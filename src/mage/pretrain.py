@@ -147,6 +147,14 @@ def info_nce(z: torch.Tensor, temperature: float, info: DistInfo) -> torch.Tenso
     return F.cross_entropy(logits, targets)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str) -> None:
+    if mode and mode not in COMPILE_MODES:
+        raise MageError(f"unknown compile mode '{mode}' (choose from: {', '.join(COMPILE_MODES)})")
+
+
 def plot_curve(log_path: str, png: str) -> None:
     """Loss and masked-token accuracy against step, from the JSONL log."""
     import matplotlib
@@ -234,6 +242,7 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
              progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
     """Pre-train MAGE into ``out`` (checkpoints, log.jsonl, curve.png, tokenizer/). Works under torchrun.
     ``stop_at`` ends the run early at that step (with a checkpoint), as an interruption would."""
+    check_compile_mode(cfg.compile)
     info = init_distributed()
     dev = info.device
     tc = TokenCache(cache) if cache else None
@@ -299,6 +308,24 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
     budget, seen, last = TimeBudget(cfg.max_minutes, info), 0, {"loss": float("nan"), "acc": float("nan")}
     step = start
     two_views = cfg.contrastive_weight > 0
+    # --compile: one graph for the forward and one for the backward (the token drop is a static gather);
+    # a failure on the first step (no compiler, unsupported op) falls back to eager for the whole run
+    fwd = torch.compile(ddp, mode=cfg.compile) if cfg.compile else ddp
+    compile_unchecked = fwd is not ddp
+
+    def forward_backward(f):
+        if f is not ddp and dev.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()                              # reduce-overhead: new step
+        with autocast(dev, cfg.bf16):
+            res = f(tokens, drop, mask, labels if cfg.num_classes > 0 else None)
+            loss, c_loss = res["loss"], None
+            if two_views:
+                c_loss = info_nce(res["proj"], cfg.contrastive_temperature, info)
+                loss = loss + cfg.contrastive_weight * c_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return res, c_loss
+
     while step < total:
         sched_step = budget.schedule_step(step, total)
         cur_lr = lr_at(step if step < warmup else sched_step, total, warmup, lr, cfg.min_lr)
@@ -313,16 +340,24 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
         if two_views:  # MAGE-C: the second view gets its own masks (another draw of the same law)
             drop_b, mask_b = _global_masks(model, step, info, tokens.shape[0] // 2, stream=1)
             drop, mask = torch.cat([drop, drop_b]), torch.cat([mask, mask_b])
+        drop, mask = drop.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
         torch.manual_seed(_seed(cfg.seed, 13, step, info.rank))                    # dropout / label drop
         model.train()
-        with autocast(dev, cfg.bf16):
-            res = ddp(tokens, drop.to(dev), mask.to(dev), labels if cfg.num_classes > 0 else None)
-            loss = res["loss"]
-            if two_views:
-                c_loss = info_nce(res["proj"], cfg.contrastive_temperature, info)
-                loss = loss + cfg.contrastive_weight * c_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if compile_unchecked:
+            compile_unchecked = False
+            try:
+                res, c_loss = forward_backward(fwd)
+            except MageError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- any compiler failure: the run goes on eagerly
+                if info.is_main:
+                    why = (str(e).strip().splitlines() or [""])[0][:200]
+                    print(f"warning: --compile {cfg.compile} failed ({type(e).__name__}: {why}); training eagerly", flush=True)
+                fwd = ddp
+                torch.manual_seed(_seed(cfg.seed, 13, step, info.rank))
+                res, c_loss = forward_backward(fwd)
+        else:
+            res, c_loss = forward_backward(fwd)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
