@@ -9,8 +9,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 # 1. unit tests (CPU parts, but on this machine's torch)
 ($PY -m pytest -q tests/test_model.py tests/test_sampler.py tests/test_editing.py -p no:cacheprovider 2>&1 || true) | tail -3
-# 2. training-step throughput of the real sizes, fp32 vs bf16
-$PY -m mage bench --preset fmnist-32,vit-b --batch-size 64 --steps 5 --json "$OUT/bench.json"
+# 1b. the CUDA-only tests: features / token cache on the GPU, pretrain --compile with and without CUDA graphs
+($PY -m pytest -q tests/test_pretrain.py tests/test_recognition.py -k "cuda or compile" -p no:cacheprovider 2>&1 || true) | tail -3
+# 2. training-step throughput of the real sizes, fp32 vs bf16, eager vs torch.compile
+$PY -m mage bench --preset fmnist-32,vit-b --batch-size 64 --workloads train,gen-8 --compile --repeats 5 --json "$OUT/bench.json"
 # 3. tokenize on the fly + pre-train vit-b on the GPU (random 256 px tokenizer), then generate
 $PY - <<'PYEOF'
 import torch

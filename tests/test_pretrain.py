@@ -110,17 +110,24 @@ def test_ddp_two_ranks_match_one(tiny_setup, tmp_path):
     assert all(abs(a - b) < 1e-4 * abs(a) for a, b in zip(l1, l2)), (l1, l2)
 
 
+CUDA = torch.cuda.is_available()
+
+
 @pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler")
-def test_compile_trains_like_eager(tiny_setup, tmp_path, capsys):
-    """--compile (inductor) gives the eager run's losses (no dropout, so no RNG difference), without falling back."""
+@pytest.mark.parametrize("mode", ["default", pytest.param("reduce-overhead", marks=pytest.mark.skipif(
+    not CUDA, reason="CUDA graphs need a CUDA GPU (run where the device tool lends one)"))])
+def test_compile_trains_like_eager(tiny_setup, tmp_path, capsys, mode):
+    """--compile (inductor) gives the eager run's losses (no dropout, so no RNG difference), without falling back.
+    On a GPU (where pretrain runs by itself) also with CUDA graphs; bf16 autocast there, hence the looser bound."""
     _, _, cache = tiny_setup
     kw = dict(max_steps=4, dropout=0.0, contrastive_weight=0.1, ckpt_every=4)
     pretrain(_cfg(**kw), str(tmp_path / "eager"), cache=cache, progress=False)
-    pretrain(_cfg(**kw, compile="default"), str(tmp_path / "compiled"), cache=cache, progress=False)
+    pretrain(_cfg(**kw, compile=mode), str(tmp_path / "compiled"), cache=cache, progress=False)
     assert "warning" not in capsys.readouterr().out
     le = [json.loads(l)["loss"] for l in open(tmp_path / "eager" / "log.jsonl")]
     lc = [json.loads(l)["loss"] for l in open(tmp_path / "compiled" / "log.jsonl")]
-    assert len(le) == 4 and all(abs(a - b) < 1e-4 * abs(a) for a, b in zip(le, lc)), (le, lc)
+    tol = 2e-2 if CUDA else 1e-4
+    assert len(le) == 4 and all(abs(a - b) < tol * abs(a) for a, b in zip(le, lc)), (le, lc)
 
 
 def test_compile_failure_falls_back_to_eager(tiny_setup, tmp_path, capsys, monkeypatch):

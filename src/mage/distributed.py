@@ -42,7 +42,8 @@ def init_distributed() -> DistInfo:
     if world == 1:
         return DistInfo(device=device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # on GPUs, CPU tensors (the wall-clock budget's max over ranks) go over gloo, CUDA tensors over nccl
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, device)
 
 
@@ -62,6 +63,13 @@ def all_gather_cat(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     dist.all_gather(parts, x.detach().contiguous())
     parts[info.rank] = x
     return torch.cat(parts, 0)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without blocking the host (pinned staging on CUDA), so it can queue the next step's work."""
+    if device.type != "cuda" or x.device.type == "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def barrier(info: DistInfo) -> None:

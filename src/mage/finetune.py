@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .checkpoint import (atomic_write_json, load_checkpoint, resolve_checkpoint,
                          save_checkpoint, save_step)
 from .config import FinetuneConfig, MAGEConfig
-from .distributed import TimeBudget, all_reduce_mean, barrier, init_distributed
+from .distributed import TimeBudget, all_reduce_mean, barrier, init_distributed, to_device
 from .errors import MageError
 from .model import Block, TokenEmbedding
 from .precision import autocast
@@ -152,7 +152,8 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
     model = MAGEClassifier(arch, C, cfg.drop_path).to(dev)
     model.load_pretrained(weights, where)
     lr = cfg.blr * cfg.batch_size / 256
-    opt = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=lr, betas=cfg.betas, foreach=True)
+    opt = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=lr, betas=cfg.betas,
+                            foreach=dev.type != "cuda", fused=dev.type == "cuda")
     start = resume_latest(out, model, opt)[0] if resume else 0
     ddp = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
     if info.is_main:
@@ -171,7 +172,7 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
         if tokens is None:
             with torch.no_grad(), autocast(dev, cfg.bf16):
                 tokens = tok.encode(images.to(dev))
-        tokens, labels = tokens.to(dev), labels.to(dev)
+        tokens, labels = to_device(tokens, dev), to_device(labels, dev)
         torch.manual_seed(_seed(cfg.seed, 19, step, info.rank))                     # drop-path / dropout
         model.train()
         with autocast(dev, cfg.bf16):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, load_train_state, load_weights, resolve_checkpoint, save_checkpoint, save_step, step_dirs
 from .config import MAGEConfig
-from .distributed import DistInfo, TimeBudget, all_gather_cat, all_reduce_mean, barrier, init_distributed
+from .distributed import DistInfo, TimeBudget, all_gather_cat, all_reduce_mean, barrier, init_distributed, to_device
 from .errors import MageError
 from .precision import autocast
 from .model import MAGE
@@ -285,7 +285,8 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
         if bad or unexpected:
             raise MageError(f"--init {where} does not fit this model (missing {bad[:3]}, unexpected {unexpected[:3]})")
     lr = cfg.blr * cfg.batch_size / 256
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas, foreach=True)
+    cuda = dev.type == "cuda"                                                      # fused: one kernel per step on GPUs
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas, foreach=not cuda, fused=cuda)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema_decay > 0 else None
     start = 0
     if resume:
@@ -335,12 +336,12 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
         if tokens is None:
             with torch.no_grad(), autocast(dev, cfg.bf16):
                 tokens = tok.encode(images.to(dev))
-        tokens, labels = tokens.to(dev), labels.to(dev)
+        tokens, labels = to_device(tokens, dev), to_device(labels, dev)
         drop, mask = _global_masks(model, step, info, tokens.shape[0] // (2 if two_views else 1))
         if two_views:  # MAGE-C: the second view gets its own masks (another draw of the same law)
             drop_b, mask_b = _global_masks(model, step, info, tokens.shape[0] // 2, stream=1)
             drop, mask = torch.cat([drop, drop_b]), torch.cat([mask, mask_b])
-        drop, mask = drop.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
+        drop, mask = to_device(drop, dev), to_device(mask, dev)
         torch.manual_seed(_seed(cfg.seed, 13, step, info.rank))                    # dropout / label drop
         model.train()
         if compile_unchecked:
