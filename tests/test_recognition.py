@@ -127,6 +127,15 @@ def test_features_and_token_cache_on_cuda(tiny_setup, tmp_path):  # noqa: F811
     a = TokenCache(cache_tokens(tok, "synthetic", str(tmp_path / "a.safetensors"), limit=16, progress=False, device="cpu"))
     b = TokenCache(cache_tokens(tok, "synthetic", str(tmp_path / "b.safetensors"), limit=16, progress=False, device="cuda"))
     assert (a.views == b.views).float().mean() > 0.99          # nearest-code ties may break differently
+    # the linear probe trains on the GPU there and hands back a CPU head that scores like the CPU one
+    from mage.recognition import accuracy, train_probe
+    f = torch.randn(400, 16, generator=torch.Generator().manual_seed(0))
+    y = (f[:, 0] > 0).long() + 2 * (f[:, 1] > 0).long()
+    heads = [train_probe(f, y, 4, epochs=5, batch_size=32, progress=False, device=d) for d in ("cpu", "cuda")]
+    assert all(next(h.parameters()).device.type == "cpu" for h in heads)
+    with torch.no_grad():
+        acc = [accuracy(h(f), y) for h in heads]
+    assert acc[1] > 80 and abs(acc[0] - acc[1]) < 3, acc
 
 
 # --------------------------------------------------------------------------------------------------
