@@ -7,7 +7,8 @@
 # more than a device call carries; building it there takes about a minute):
 #   TOKENIZER=runs/tok16x16 CACHE=/tmp/tok16-crops3.safetensors EXTRA="--set num_tokens=256" VARIANTS=B PM=8 FM=2 ...
 # scripts/gpu_pack.sh assembles what a device call needs to carry for that (tokenizer + Fashion-MNIST files).
-# Knobs: VARIANTS (A = MAGE, B = MAGE-C, C = wider MAGE; default "A B C"), PM / FM (pre-train / fine-tune minutes),
+# Knobs: VARIANTS (A = MAGE, B = MAGE-C, C = wider MAGE; default "A B C"), PM / FM (pre-train / fine-tune minutes;
+# FM=0: no fine-tuning),
 # EXTRA / FEXTRA (more pre-training / fine-tuning flags), PROBE=0 (no probes), POOLS (default "mean flat"), RUNS, LOGS,
 # PACK=DIR (copy weights -- no optimizer state -- probe results and logs there, in 15 MB pieces: for $OUT).
 # COMPILE (pretrain --compile mode, default "default"; COMPILE= for eager; falls back to eager on a compiler error).
@@ -44,7 +45,7 @@ echo "pre-training done at $(( $(date +%s) - t0 )) s"
 F="--cache $CACHE $D --preset fmnist-32-gpu --max-minutes $FM --set epochs=100000 ${FEXTRA:-}"
 Q="--data fashion-mnist $D ${LIMIT:+--limit $LIMIT}"
 for r in $V; do
-  $PY -m mage finetune --model "$R/g$r" $F --out "$R/f$r" > "$LOGS/f$r.log" 2>&1 &
+  [ "$FM" = 0 ] || $PY -m mage finetune --model "$R/g$r" $F --out "$R/f$r" > "$LOGS/f$r.log" 2>&1 &
   if [ "${PROBE:-1}" != 0 ]; then
     (for pool in ${POOLS:-mean flat}; do   # features on the GPU, probes on the CPU; numbers as JSON lines
        echo "linear probe, $pool:"; $PY -m mage probe linear --model "$R/g$r" $Q --pool "$pool" --out "$R/q$r-$pool" --json
@@ -56,7 +57,8 @@ done
 wait
 echo "all done at $(( $(date +%s) - t0 )) s"
 for r in $V; do
-  echo "== $r"; tail -c 300 "$LOGS/p$r.log" | tr '\r' '\n' | tail -1; tail -c 300 "$LOGS/f$r.log" | tr '\r' '\n' | tail -1
+  echo "== $r"; tail -c 300 "$LOGS/p$r.log" | tr '\r' '\n' | tail -1
+  [ -f "$LOGS/f$r.log" ] && tail -c 300 "$LOGS/f$r.log" | tr '\r' '\n' | tail -1
   [ -f "$LOGS/q$r.log" ] && cat "$LOGS/q$r.log"
 done
 if [ -n "${PACK:-}" ]; then

@@ -91,6 +91,14 @@ def test_resume_is_bit_exact(tiny_setup, tmp_path):
     assert la == lb
 
 
+def test_a_run_cut_short_logs_its_last_step(tiny_setup, tmp_path):
+    """Stopped between log steps (time budget, interruption), the run still reports a loss, not nan."""
+    _, _, cache = tiny_setup
+    res = pretrain(_cfg(log_every=5), str(tmp_path / "s"), cache=cache, progress=False, stop_at=3)
+    assert res["step"] == 3 and math.isfinite(res["loss"])
+    assert [json.loads(l)["step"] for l in open(tmp_path / "s" / "log.jsonl")] == [3]
+
+
 def test_ddp_two_ranks_match_one(tiny_setup, tmp_path):
     """torchrun with 2 gloo ranks and the same global batch gives the losses of a 1-rank run."""
     _, tok, cache = tiny_setup

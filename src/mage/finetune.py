@@ -184,7 +184,8 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
-        if step % cfg.log_every == 0 or step == total:
+        out_of_time = budget.out_of_time(step == stop_at)
+        if step % cfg.log_every == 0 or step == total or out_of_time:                 # the last step is always logged
             acc = (logits.argmax(1) == labels).float().mean()
             last = {"loss": all_reduce_mean(loss.detach(), info).item(), "acc": all_reduce_mean(acc, info).item()}
             if info.is_main:
@@ -192,7 +193,6 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
                 log.flush()
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{100 * last['acc']:.1f}%", lr=f"{cur:.2e}")
         bar.update(1)
-        out_of_time = budget.out_of_time(step == stop_at)
         if info.is_main and (step % cfg.ckpt_every == 0 or step == total or out_of_time):
             save_step(out, step, model.state_dict(), cfg, {"step": step, "optimizer": opt.state_dict(), "arch": dataclasses.asdict(arch)})
         if out_of_time:

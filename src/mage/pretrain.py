@@ -371,7 +371,8 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
                         ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
         step += 1
         seen += cfg.batch_size
-        if step % cfg.log_every == 0 or step == total:
+        out_of_time = budget.out_of_time(step == stop_at)
+        if step % cfg.log_every == 0 or step == total or out_of_time:                 # the last step is always logged
             l, a = all_reduce_mean(res["loss"].detach().float(), info).item(), all_reduce_mean(res["acc"].float(), info).item()
             last = {"loss": l, "acc": a}
             if info.is_main:
@@ -383,7 +384,6 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
                 log.flush()
                 bar.set_postfix(loss=f"{l:.3f}", acc=f"{100 * a:.1f}%", lr=f"{cur_lr:.2e}", img_s=f"{rec['images_per_s']:.0f}")
         bar.update(1)
-        out_of_time = budget.out_of_time(step == stop_at)
         if info.is_main and (step % cfg.ckpt_every == 0 or step == total or out_of_time):
             weights = model.state_dict()
             save_step(out, step, weights, cfg, {"step": step, "optimizer": opt.state_dict(), "ema": ema, "scaler": None})
