@@ -194,6 +194,37 @@ def test_finetune_trains_encoder_resumes_and_classifies(tiny_setup, tmp_path):  
     assert top[0]["class"] in ("circle", "square", "triangle", "cross")
 
 
+def test_finetune_compile_is_one_graph_and_falls_back(tiny_setup, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """--compile for fine-tuning: the classifier's training forward (drop-path on) is one graph; a compiler that
+    fails on the first step costs one warning line, and the run ends with the eager run's exact weights."""
+    import dataclasses
+
+    from mage.checkpoint import load_weights, step_dirs
+    from mage.config import finetune_preset
+    from mage.finetune import MAGEClassifier, finetune
+
+    model_dir, cache = _pretrained(tiny_setup, tmp_path)
+    _, mcfg, _ = load_checkpoint(model_dir)
+    m = MAGEClassifier(dataclasses.replace(mcfg, num_classes=0, contrastive_weight=0.0), 4, drop_path=0.1).train()
+    tokens = torch.randint(0, mcfg.codebook_size, (4, mcfg.num_tokens))
+    torch.compile(m, fullgraph=True, backend="eager")(tokens).sum().backward()    # raises on a graph break
+
+    def broken(module, **kw):
+        def f(*a, **k):
+            raise RuntimeError("no compiler here")
+        return f
+
+    cfg = finetune_preset("tiny")
+    cfg.max_steps, cfg.ckpt_every = 3, 3
+    finetune(cfg, model_dir, str(tmp_path / "eager"), cache=cache, progress=False)
+    monkeypatch.setattr(torch, "compile", broken)
+    cfg.compile = "default"
+    finetune(cfg, model_dir, str(tmp_path / "fb"), cache=cache, progress=False)
+    assert "warning: --compile default failed (RuntimeError: no compiler here); training eagerly" in capsys.readouterr().out
+    a, b = (load_weights(step_dirs(str(tmp_path / d))[-1][1]) for d in ("eager", "fb"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_finetune_cli(tiny_setup, tmp_path):  # noqa: F811
     model_dir, _ = _pretrained(tiny_setup, tmp_path)
     r = run_cli("finetune", "--model", model_dir, "--data", "synthetic", "--limit", "32", "--preset", "tiny",
@@ -202,3 +233,6 @@ def test_finetune_cli(tiny_setup, tmp_path):  # noqa: F811
     assert "test top-1" in r.stdout
     r = run_cli("finetune", "--model", str(tmp_path / "nope"), "--data", "synthetic", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = run_cli("finetune", "--model", model_dir, "--data", "synthetic", "--compile", "fastest", "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "mage: error: unknown compile mode 'fastest' (choose from: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)"]

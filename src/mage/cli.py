@@ -29,6 +29,12 @@ def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N images of each split")
 
 
+def _compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the training step (default mode; or reduce-overhead = + CUDA graphs, "
+                        "max-autotune); falls back to eager with a warning if compiling fails")
+
+
 def _config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--preset", default=default_preset, help=f"named config (default {default_preset})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -280,6 +286,8 @@ def _finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
     cfg = apply_overrides(finetune_preset(args.preset), _overrides(args))
+    if args.compile is not None:
+        cfg.compile = args.compile
     r = finetune(cfg, args.model, args.out, args.data, args.cache, args.data_dir, args.limit, args.resume)
     if "top1" in r:
         print(f"fine-tuned {r['step']} steps in {r['minutes']:.1f} min: test top-1 {r['top1']:.2f}%"
@@ -474,9 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="start from these MAGE weights (e.g. to fine-tune a generator)")
     p.add_argument("--class-conditional", action="store_true", help="learn a class embedding (label dropout for CFG)")
     p.add_argument("--contrastive", action="store_true", help="MAGE-C: add the InfoNCE loss")
-    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                   help="torch.compile the training step (default mode; or reduce-overhead = + CUDA graphs, "
-                        "max-autotune); falls back to eager with a warning if compiling fails")
+    _compile_arg(p)
 
     p = sub.add_parser("import-official", help="convert the released MAGE / VQGAN checkpoints")
     p.add_argument("--mage", default=None, help="original MAGE .pth ({'model': ...})")
@@ -544,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="token cache of the labelled train split (else --data, tokenized on the fly)")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
+    _compile_arg(p)
 
     p = sub.add_parser("classify", help="top classes of images with a saved classifier")
     p.add_argument("--classifier", required=True)

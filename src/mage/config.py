@@ -199,6 +199,7 @@ class FinetuneConfig:
     grad_clip: float = 0.0           # the original does not clip
     data_augment: str = "crop-flip"  # used when images are tokenized on the fly (--data); a cache gives flips
     bf16: bool = True
+    compile: str = ""                # torch.compile mode of the training step ("" = eager), as pretrain's
     log_every: int = 20
     ckpt_every: int = 1000
     seed: int = 0

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .checkpoint import (atomic_write_json, load_checkpoint, resolve_checkpoint,
                          save_checkpoint, save_step)
 from .config import FinetuneConfig, MAGEConfig
+from .compiling import CompiledStep, check_mode as check_compile_mode
 from .distributed import TimeBudget, all_reduce_mean, barrier, init_distributed, to_device
 from .errors import MageError
 from .model import Block, TokenEmbedding
@@ -118,6 +119,7 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
     """Fine-tune ``model_dir``'s encoder on labelled data; writes OUT/{checkpoints, model, tokenizer, classifier.json}."""
     from .pretrain import TokenCache, _Batches, _seed, lr_at, resume_latest
 
+    check_compile_mode(cfg.compile)                                                # bad mode: before any work
     info = init_distributed()
     dev = info.device
     weights, mcfg, where = load_checkpoint(model_dir)
@@ -156,6 +158,16 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
                             foreach=dev.type != "cuda", fused=dev.type == "cuda")
     start = resume_latest(out, model, opt)[0] if resume else 0
     ddp = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
+    run_step = CompiledStep(ddp, cfg.compile, info.is_main)                        # --compile (eager by default)
+
+    def forward_backward(f):
+        with autocast(dev, cfg.bf16):
+            logits = f(tokens)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return logits, loss
+
     if info.is_main:
         os.makedirs(out, exist_ok=True)
         if not os.path.isdir(os.path.join(out, "tokenizer")):
@@ -175,11 +187,7 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
         tokens, labels = to_device(tokens, dev), to_device(labels, dev)
         torch.manual_seed(_seed(cfg.seed, 19, step, info.rank))                     # drop-path / dropout
         model.train()
-        with autocast(dev, cfg.bf16):
-            logits = ddp(tokens)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        logits, loss = run_step(forward_backward, reset=lambda: torch.manual_seed(_seed(cfg.seed, 19, step, info.rank)))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()

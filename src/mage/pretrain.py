@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, load_train_state, load_weights, resolve_checkpoint, save_checkpoint, save_step, step_dirs
+from .compiling import CompiledStep, check_mode as check_compile_mode
 from .config import MAGEConfig
 from .distributed import DistInfo, TimeBudget, all_gather_cat, all_reduce_mean, barrier, init_distributed, to_device
 from .errors import MageError
@@ -147,14 +148,6 @@ def info_nce(z: torch.Tensor, temperature: float, info: DistInfo) -> torch.Tenso
     return F.cross_entropy(logits, targets)
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def check_compile_mode(mode: str) -> None:
-    if mode and mode not in COMPILE_MODES:
-        raise MageError(f"unknown compile mode '{mode}' (choose from: {', '.join(COMPILE_MODES)})")
-
-
 def plot_curve(log_path: str, png: str) -> None:
     """Loss and masked-token accuracy against step, from the JSONL log."""
     import matplotlib
@@ -242,7 +235,7 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
              progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
     """Pre-train MAGE into ``out`` (checkpoints, log.jsonl, curve.png, tokenizer/). Works under torchrun.
     ``stop_at`` ends the run early at that step (with a checkpoint), as an interruption would."""
-    check_compile_mode(cfg.compile)
+    check_compile_mode(cfg.compile)                                                # bad mode: before any work
     info = init_distributed()
     dev = info.device
     tc = TokenCache(cache) if cache else None
@@ -311,14 +304,9 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
     budget, seen, last = TimeBudget(cfg.max_minutes, info), 0, {"loss": float("nan"), "acc": float("nan")}
     step = start
     two_views = cfg.contrastive_weight > 0
-    # --compile: one graph for the forward and one for the backward (the token drop is a static gather);
-    # a failure on the first step (no compiler, unsupported op) falls back to eager for the whole run
-    fwd = torch.compile(ddp, mode=cfg.compile) if cfg.compile else ddp
-    compile_unchecked = fwd is not ddp
+    run_step = CompiledStep(ddp, cfg.compile, info.is_main)                        # --compile (eager by default)
 
     def forward_backward(f):
-        if f is not ddp and dev.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()                              # reduce-overhead: new step
         with autocast(dev, cfg.bf16):
             res = f(tokens, drop, mask, labels if cfg.num_classes > 0 else None)
             loss, c_loss = res["loss"], None
@@ -346,21 +334,7 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
         drop, mask = to_device(drop, dev), to_device(mask, dev)
         torch.manual_seed(_seed(cfg.seed, 13, step, info.rank))                    # dropout / label drop
         model.train()
-        if compile_unchecked:
-            compile_unchecked = False
-            try:
-                res, c_loss = forward_backward(fwd)
-            except MageError:
-                raise
-            except Exception as e:  # noqa: BLE001 -- any compiler failure: the run goes on eagerly
-                if info.is_main:
-                    why = (str(e).strip().splitlines() or [""])[0][:200]
-                    print(f"warning: --compile {cfg.compile} failed ({type(e).__name__}: {why}); training eagerly", flush=True)
-                fwd = ddp
-                torch.manual_seed(_seed(cfg.seed, 13, step, info.rank))
-                res, c_loss = forward_backward(fwd)
-        else:
-            res, c_loss = forward_backward(fwd)
+        res, c_loss = run_step(forward_backward, reset=lambda: torch.manual_seed(_seed(cfg.seed, 13, step, info.rank)))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
