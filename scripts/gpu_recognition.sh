@@ -5,13 +5,13 @@
 #   CACHE=runs/demo60b/tokens-crops3.safetensors [DATA_DIR=dir-with-fashion-mnist-gz] bash scripts/gpu_recognition.sh
 # With TOKENIZER set and no file at CACHE, the crop cache is built first, on the GPU (a 16x16-token cache is ~140 MB,
 # more than a device call carries; building it there takes about a minute):
-#   TOKENIZER=runs/tok16x16 CACHE=/tmp/tok16-crops3.safetensors EXTRA="--set num_tokens=256" VARIANTS=B PM=8 FM=2 ...
+#   TOKENIZER=runs/tok16x16 CACHE=/tmp/tok16-crops3.safetensors EXTRA="--set num_tokens=256" VARIANTS=B PM=6 FM=0 ...
 # scripts/gpu_pack.sh assembles what a device call needs to carry for that (tokenizer + Fashion-MNIST files).
 # Knobs: VARIANTS (A = MAGE, B = MAGE-C, C = wider MAGE; default "A B C"), PM / FM (pre-train / fine-tune minutes;
 # FM=0: no fine-tuning),
 # EXTRA / FEXTRA (more pre-training / fine-tuning flags), PROBE=0 (no probes), POOLS (default "mean flat"), RUNS, LOGS,
 # PACK=DIR (copy weights -- no optimizer state -- probe results and logs there, in 15 MB pieces: for $OUT).
-# COMPILE (pretrain --compile mode, default "default"; COMPILE= for eager; falls back to eager on a compiler error).
+# COMPILE (pretrain / finetune --compile mode, default "default"; COMPILE= for eager; a compiler error falls back to eager).
 # Measured (README, Results): PM=6.5 FM=1.5 on one H200, ~8.5 minutes in all.
 set -u
 : "${CACHE:?set CACHE to a token cache made by mage cache-tokens (with --crops), or to where TOKENIZER should build one}"
@@ -22,7 +22,7 @@ LOGS=${LOGS:-$R/gpu-logs}
 D=${DATA_DIR:+--data-dir $DATA_DIR}
 WIDE="--set embed_dim=192 --set num_heads=6 --set decoder_embed_dim=192 --set decoder_depth=4 --set decoder_num_heads=6"
 declare -A X=([A]="" [B]="--contrastive" [C]="$WIDE")   # A = MAGE, B = MAGE-C, C = wider MAGE
-V=${VARIANTS:-A B C}   # e.g. VARIANTS=B PM=11 FM=2: MAGE-C alone (fine-tuning alone ran 2x the images/s of one of three)
+V=${VARIANTS:-A B C}   # e.g. VARIANTS=B PM=6 FM=1.5 (one device call is at most 10 minutes: cache + PM + FM must fit)
 for r in $V; do [[ -v X[$r] ]] || { echo "unknown variant $r (A, B or C)" >&2; exit 2; }; done   # before any launch
 mkdir -p "$LOGS"
 t0=$(date +%s)
@@ -42,7 +42,7 @@ for r in $V; do
 done
 wait
 echo "pre-training done at $(( $(date +%s) - t0 )) s"
-F="--cache $CACHE $D --preset fmnist-32-gpu --max-minutes $FM --set epochs=100000 ${FEXTRA:-}"
+F="--cache $CACHE $D --preset fmnist-32-gpu --max-minutes $FM --set epochs=100000 ${COMPILE:+--compile $COMPILE} ${FEXTRA:-}"
 Q="--data fashion-mnist $D ${LIMIT:+--limit $LIMIT}"
 for r in $V; do
   [ "$FM" = 0 ] || $PY -m mage finetune --model "$R/g$r" $F --out "$R/f$r" > "$LOGS/f$r.log" 2>&1 &
