@@ -143,7 +143,7 @@ class MAGEConfig:
     ema_decay: float = 0.0           # 0 = no EMA (the original)
     bf16: bool = True
     grad_checkpointing: bool = False
-    compile: str = ""                # torch.compile mode of the training forward+backward ("" = eager), see COMPILE_MODES
+    compile: str = ""                # torch.compile mode of the training forward+backward ("" = eager), see compiling.MODES
     data_augment: str = "crop-flip"
     log_every: int = 20
     ckpt_every: int = 1000

@@ -345,13 +345,16 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
                         ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
         step += 1
         seen += cfg.batch_size
+        if seen == cfg.batch_size:  # throughput is counted after this process's first step (compiling, warm-up)
+            first_s = budget.elapsed_s
         out_of_time = budget.out_of_time(step == stop_at)
         if step % cfg.log_every == 0 or step == total or out_of_time:                 # the last step is always logged
             l, a = all_reduce_mean(res["loss"].detach().float(), info).item(), all_reduce_mean(res["acc"].float(), info).item()
             last = {"loss": l, "acc": a}
             if info.is_main:
                 elapsed = budget.elapsed_s
-                rec = {"step": step, "loss": l, "acc": a, "lr": cur_lr, "images_per_s": seen / elapsed, "elapsed_s": elapsed}
+                rec = {"step": step, "loss": l, "acc": a, "lr": cur_lr, "elapsed_s": elapsed,
+                       "images_per_s": (seen - cfg.batch_size) / (elapsed - first_s) if seen > cfg.batch_size else seen / elapsed}
                 if two_views:
                     rec["contrastive"] = c_loss.item()
                 log.write(json.dumps(rec) + "\n")
