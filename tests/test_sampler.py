@@ -61,6 +61,23 @@ def test_known_tokens_never_change_and_partial_schedule():
     assert int((trace[0] == m.vocab.mask_id).sum(1)[0]) == math.floor(6 * SCHEDULES["cosine"](0.25))
 
 
+def test_tokens_are_drawn_from_the_model_distribution():
+    """One step from an all-[MASK] input: every row sees the same logits, so the sampled ids at a position must
+    follow softmax(logits / temperature) -- an off-by-one in the inverse CDF would shift mass between codes."""
+    m = tiny_model()
+    with torch.no_grad():
+        m.mlm_layer.bias[..., :32] = torch.linspace(-3, 3, 32)                 # a clearly non-uniform distribution
+    B, T = 6000, 0.7
+    start = torch.full((B, 16), m.vocab.mask_id)
+    out = decode_tokens(m, start, SamplerConfig(steps=1, temperature=T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p = torch.softmax(m.logits(start[:1])[0, 1:, :32].float() / T, -1)       # [16, 32]
+    for j in (0, 7, 15):
+        freq = torch.bincount(out[:, j], minlength=32).double() / B
+        assert (freq - p[j]).abs().max() < 0.025, (j, freq, p[j])
+    assert p.max() > 0.1
+
+
 def test_determinism():
     m = tiny_model()
     start = torch.full((2, 16), m.vocab.mask_id)
