@@ -74,11 +74,13 @@ def decode_tokens(model: MAGE, tokens: torch.Tensor, cfg: SamplerConfig, labels:
     for s in range(cfg.steps):
         r = (s + 1) / cfg.steps
         with autocast(dev, bf16):
-            logits = model.logits(ids, labels)[:, 1:, :K].float()                # [B, L, K]
-            if cfg.cfg > 0 and labels is not None:
-                uncond = model.logits(ids, torch.full_like(labels, -1))[:, 1:, :K].float()
+            if cfg.cfg > 0 and labels is not None:  # conditional and unconditional rows in one forward
+                both = model.logits(torch.cat([ids, ids]), torch.cat([labels, torch.full_like(labels, -1)]))
+                logits, uncond = both[:, 1:, :K].float().chunk(2)                # [B, L, K] each
                 w = cfg.cfg * (r if cfg.cfg_schedule == "linear" else 1.0)
                 logits = logits + w * (logits - uncond)
+            else:
+                logits = model.logits(ids, labels)[:, 1:, :K].float()            # [B, L, K]
         unknown = ids == mask_id                                                 # [B, L]
         logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
         B, L, _ = logp.shape
