@@ -71,6 +71,12 @@ def test_masks_from_noise():
     drop, mask = masks_from_noise(noise, 1, 3)
     assert drop.tolist() == [[False, True, False, False]]
     assert mask.tolist() == [[False, True, True, True]]
+    # float32 noise can tie: exactly n per row still (ranks from one sort, ties broken the same way every time)
+    noise = torch.rand(32, 65, generator=torch.Generator().manual_seed(0))
+    noise[:, 3] = noise[:, 40]
+    drop, mask = masks_from_noise(noise, 33, 50)
+    ranks = noise.argsort(dim=1).argsort(dim=1)
+    assert torch.equal(drop, ranks < 33) and torch.equal(mask, ranks < 50) and (drop.sum(1) == 33).all()
 
 
 def test_loss_only_on_masked_positions():

@@ -138,7 +138,8 @@ def truncated_normal(mu: float, std: float, lo: float, hi: float, generator: tor
 
 def masks_from_noise(noise: torch.Tensor, num_dropped: int, num_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
     """noise [B, L] -> (drop [B, L], mask [B, L]): the lowest-noise positions; drop <= mask."""
-    ranks = noise.argsort(dim=1).argsort(dim=1)                                     # rank of each position
+    order = noise.argsort(dim=1)                                                    # positions, lowest noise first
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(noise.shape[1]).expand_as(order))  # its inverse
     return ranks < num_dropped, ranks < num_masked
 
 
