@@ -4,7 +4,7 @@
 # A second tokenizer run, if given, goes to OUT_DIR/tok2 (README: the 8x8 + 16x16 hedge in one device call).
 #   bash scripts/gpu_pack.sh runs/tok16x16 runs/gpu16        # then carry ["runs/gpu16"] and run on the device:
 #   TOKENIZER=runs/gpu16/tok DATA_DIR=runs/gpu16/fm CACHE=/tmp/c.safetensors EXTRA="--set num_tokens=256" \
-#     VARIANTS=B PM=8 FM=2 PACK=$OUT bash scripts/gpu_recognition.sh
+#     VARIANTS=B PM=6 FM=0 PACK=$OUT bash scripts/gpu_recognition.sh
 set -eu
 U="usage: gpu_pack.sh TOKENIZER_RUN OUT_DIR [SECOND_TOKENIZER_RUN]"
 TOK=${1:?$U}; DST=${2:?$U}; TOK2=${3:-}

@@ -160,6 +160,9 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
     ddp = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
     run_step = CompiledStep(ddp, cfg.compile, info.is_main)                        # --compile (eager by default)
 
+    def seed_step() -> None:                                                        # drop-path / dropout of this step
+        torch.manual_seed(_seed(cfg.seed, 19, step, info.rank))
+
     def forward_backward(f):
         with autocast(dev, cfg.bf16):
             logits = f(tokens)
@@ -185,9 +188,9 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
             with torch.no_grad(), autocast(dev, cfg.bf16):
                 tokens = tok.encode(images.to(dev))
         tokens, labels = to_device(tokens, dev), to_device(labels, dev)
-        torch.manual_seed(_seed(cfg.seed, 19, step, info.rank))                     # drop-path / dropout
+        seed_step()
         model.train()
-        logits, loss = run_step(forward_backward, reset=lambda: torch.manual_seed(_seed(cfg.seed, 19, step, info.rank)))
+        logits, loss = run_step(forward_backward, reset=seed_step)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()

@@ -306,6 +306,9 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
     two_views = cfg.contrastive_weight > 0
     run_step = CompiledStep(ddp, cfg.compile, info.is_main)                        # --compile (eager by default)
 
+    def seed_step() -> None:                                                        # dropout / label drop of this step
+        torch.manual_seed(_seed(cfg.seed, 13, step, info.rank))
+
     def forward_backward(f):
         with autocast(dev, cfg.bf16):
             res = f(tokens, drop, mask, labels if cfg.num_classes > 0 else None)
@@ -332,9 +335,9 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
             drop_b, mask_b = _global_masks(model, step, info, tokens.shape[0] // 2, stream=1)
             drop, mask = torch.cat([drop, drop_b]), torch.cat([mask, mask_b])
         drop, mask = to_device(drop, dev), to_device(mask, dev)
-        torch.manual_seed(_seed(cfg.seed, 13, step, info.rank))                    # dropout / label drop
+        seed_step()
         model.train()
-        res, c_loss = run_step(forward_backward, reset=lambda: torch.manual_seed(_seed(cfg.seed, 13, step, info.rank)))
+        res, c_loss = run_step(forward_backward, reset=seed_step)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
