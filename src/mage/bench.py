@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import mage_preset, tokenizer_preset
 from .errors import MageError
@@ -86,28 +87,31 @@ _live_modules: list[nn.Module] = []
 # the original's way (baseline)
 # --------------------------------------------------------------------------------------------------
 def _explicit_attention(self, x: torch.Tensor) -> torch.Tensor:
-    """The original's attention: q k^T * scale -> softmax -> @ v, materialising the attention matrix."""
+    """The original's attention: q k^T * scale -> softmax -> dropout -> @ v, materialising the attention matrix."""
     B, N, C = x.shape
     qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     attn = (q @ k.transpose(-2, -1)) * (C // self.num_heads) ** -0.5
-    x = attn.softmax(dim=-1) @ v
+    x = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training) @ v
     return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
 @contextlib.contextmanager
 def original_mode(enabled: bool):
-    from .model import Attention
+    """The original's way: explicit-softmax attention, nn.Dropout, NCHW convolutions."""
+    from . import model as m
+    from .vqgan import VQTokenizer
 
     if not enabled:
         yield
         return
-    fast = Attention.forward
-    Attention.forward = _explicit_attention
+    fast = m.Attention.forward, m.dropout, VQTokenizer.CHANNELS_LAST
+    m.Attention.forward, VQTokenizer.CHANNELS_LAST = _explicit_attention, False
+    m.dropout = lambda x, p, training, inplace=False: F.dropout(x, p, training, inplace)
     try:
         yield
     finally:
-        Attention.forward = fast
+        m.Attention.forward, m.dropout, VQTokenizer.CHANNELS_LAST = fast
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,6 +138,7 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
     """Seconds per call and forward FLOPs per image of one workload (in this process).
     ``weights16``: inference with the weights stored in bf16 (:func:`mage.precision.store_weights_bf16`).
     ``compiled``: training through ``torch.compile`` (as ``mage pretrain --compile``; compiling is in the warm-up)."""
+    from .distributed import adamw
     from .model import MAGE
     from .sampler import SamplerConfig, decode_tokens
     from .vqgan import VQTokenizer
@@ -146,6 +151,8 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
     images = torch.rand(batch, 3, tcfg.image_size, tcfg.image_size, generator=g).to(dev)
     ac = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
     tok = VQTokenizer(tcfg).to(dev).eval()
+    if bf16 and not baseline:
+        tok.channels_last()                                                    # as MAGEPipeline does for bf16
     _live_modules[:] = [tok]
     if weights16:
         from .precision import store_weights_bf16
@@ -189,7 +196,8 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
                         tok.decode(ids)
             else:
                 model.train()
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=mcfg.betas, foreach=not baseline)
+                opt = (torch.optim.AdamW(model.parameters(), lr=1e-4, betas=mcfg.betas) if baseline  # PyTorch's default
+                       else adamw(list(model.parameters()), dev, lr=1e-4, betas=mcfg.betas))      # as pretrain
                 tokens = torch.randint(0, mcfg.codebook_size, (batch, mcfg.num_tokens), generator=g).to(dev)
                 drop, mask, _ = model.sample_masks(batch, g, dev)
                 with torch.no_grad(), ac, count_flops() as c:

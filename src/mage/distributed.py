@@ -72,6 +72,13 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.pin_memory().to(device, non_blocking=True)
 
 
+def adamw(groups: list[dict], device: torch.device, **kw) -> torch.optim.AdamW:
+    """AdamW with the fused kernel on CPUs and GPUs: one pass over each tensor per step instead of ~8
+    (vit-b step at batch 8 on a 2-core CPU: optimizer 0.35 -> 0.11 s), and one kernel launch on a GPU."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, foreach=not fused, fused=fused, **kw)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -29,7 +29,7 @@ from .checkpoint import (atomic_write_json, load_checkpoint, resolve_checkpoint,
                          save_checkpoint, save_step)
 from .config import FinetuneConfig, MAGEConfig
 from .compiling import CompiledStep, check_mode as check_compile_mode
-from .distributed import TimeBudget, all_reduce_mean, barrier, init_distributed, to_device
+from .distributed import TimeBudget, adamw, all_reduce_mean, barrier, init_distributed, to_device
 from .errors import MageError
 from .model import Block, TokenEmbedding
 from .precision import autocast
@@ -154,8 +154,7 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
     model = MAGEClassifier(arch, C, cfg.drop_path).to(dev)
     model.load_pretrained(weights, where)
     lr = cfg.blr * cfg.batch_size / 256
-    opt = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=lr, betas=cfg.betas,
-                            foreach=dev.type != "cuda", fused=dev.type == "cuda")
+    opt = adamw(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), dev, lr=lr, betas=cfg.betas)
     start = resume_latest(out, model, opt)[0] if resume else 0
     ddp = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
     run_step = CompiledStep(ddp, cfg.compile, info.is_main)                        # --compile (eager by default)

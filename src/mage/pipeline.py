@@ -13,15 +13,25 @@ import torch
 
 from .errors import MageError
 from .model import MAGE
+from .precision import autocast, bf16_supported
 from .sampler import SamplerConfig, decode_tokens
 from .vqgan import VQTokenizer
 
 
 class MAGEPipeline:
-    def __init__(self, model: MAGE, tokenizer: VQTokenizer, classes: list[str] | None = None):
+    def __init__(self, model: MAGE, tokenizer: VQTokenizer, classes: list[str] | None = None, bf16: bool = False):
+        """``bf16``: run the transformer and the VQGAN under bf16 autocast where the device has bf16 matrix
+        hardware (fp32 elsewhere), with the VQGAN channels-last (:meth:`VQTokenizer.channels_last`)."""
         if tokenizer.config.codebook_size != model.config.codebook_size or tokenizer.config.num_tokens != model.config.num_tokens:
             raise MageError("tokenizer and model do not fit (codebook size or token count differ)")
         self.model, self.tokenizer, self.classes = model.eval(), tokenizer.eval(), classes
+        self.bf16 = bf16 and bf16_supported(self.device.type)
+        if self.bf16:
+            tokenizer.channels_last()
+
+    def math(self):
+        """The context every computation of the pipeline runs in: bf16 autocast when ``self.bf16``."""
+        return autocast(self.device, self.bf16)
 
     @property
     def device(self) -> torch.device:
@@ -31,7 +41,8 @@ class MAGEPipeline:
     def from_pretrained(cls, path: str, tokenizer: str | None = None, device: str | torch.device | None = None,
                         weights: str = "fp32") -> "MAGEPipeline":
         """Load model + tokenizer (default device: CUDA when available). ``weights="bf16"`` keeps the weights
-        in bf16 (half the memory; see :func:`mage.precision.store_weights_bf16`)."""
+        in bf16 (half the memory; see :func:`mage.precision.store_weights_bf16`) and, on bf16 hardware (a GPU,
+        a CPU with AMX / AVX512-BF16), computes in bf16 too."""
         if weights not in ("fp32", "bf16"):
             raise MageError(f"unknown weights dtype '{weights}' (fp32 | bf16)")
         from .precision import store_weights_bf16
@@ -46,7 +57,7 @@ class MAGEPipeline:
         cpath = os.path.join(path, "classes.json")
         if os.path.isfile(cpath):
             classes = json.load(open(cpath))
-        return cls(model, stored(VQTokenizer.from_pretrained(tok_path, map_location=device)), classes)
+        return cls(model, stored(VQTokenizer.from_pretrained(tok_path, map_location=device)), classes, bf16=weights == "bf16")
 
     # ---- classes ---------------------------------------------------------------------------------
     def class_index(self, name_or_id: str | int) -> int:
@@ -78,13 +89,15 @@ class MAGEPipeline:
             g = torch.Generator().manual_seed(seed + b)
             start = torch.full((n, self.model.config.num_tokens), self.model.vocab.mask_id, device=self.device)
             lab = None if labels is None else labels[s:s + n].to(self.device)
-            out.append(decode_tokens(self.model, start, sampler, lab, g))
+            with self.math():
+                out.append(decode_tokens(self.model, start, sampler, lab, g))
         return torch.cat(out)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        return torch.cat([self.tokenizer.decode(tokens[s:s + batch_size]).clamp(0, 1).cpu()
-                          for s in range(0, tokens.shape[0], batch_size)])
+        with self.math():
+            return torch.cat([self.tokenizer.decode(tokens[s:s + batch_size]).clamp(0, 1).cpu()
+                              for s in range(0, tokens.shape[0], batch_size)])
 
     def generate(self, num: int, class_label: str | int | None = None, sampler: SamplerConfig | None = None,
                  seed: int = 0, batch_size: int = 64) -> torch.Tensor:
@@ -127,11 +140,12 @@ def _inpaint_tokens(pipe: MAGEPipeline, image: torch.Tensor, pixel_mask: torch.T
                     sampler: SamplerConfig, g: torch.Generator) -> torch.Tensor:
     """image [3,S,S], pixel_mask [S,S] -> generated image [3,S,S] (not composited)."""
     f = pipe.tokenizer.config.downsample
-    tokens = pipe.tokenizer.encode(image[None].to(pipe.device))                  # [1, L]
-    tm = token_mask(pixel_mask, f).to(pipe.device)
-    tokens[0, tm] = pipe.model.vocab.mask_id
-    out = decode_tokens(pipe.model, tokens, sampler, None if label is None else label.to(pipe.device), g)
-    return pipe.tokenizer.decode(out)[0].clamp(0, 1).cpu()
+    with pipe.math():
+        tokens = pipe.tokenizer.encode(image[None].to(pipe.device))              # [1, L]
+        tm = token_mask(pixel_mask, f).to(pipe.device)
+        tokens[0, tm] = pipe.model.vocab.mask_id
+        out = decode_tokens(pipe.model, tokens, sampler, None if label is None else label.to(pipe.device), g)
+        return pipe.tokenizer.decode(out)[0].float().clamp(0, 1).cpu()
 
 
 def _check_image(pipe: MAGEPipeline, image: torch.Tensor) -> int:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, load_train_state, load_weights, resolve_checkpoint, save_checkpoint, save_step, step_dirs
 from .compiling import CompiledStep, check_mode as check_compile_mode
 from .config import MAGEConfig
-from .distributed import DistInfo, TimeBudget, all_gather_cat, all_reduce_mean, barrier, init_distributed, to_device
+from .distributed import DistInfo, TimeBudget, adamw, all_gather_cat, all_reduce_mean, barrier, init_distributed, to_device
 from .errors import MageError
 from .precision import autocast
 from .model import MAGE
@@ -278,8 +278,7 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
         if bad or unexpected:
             raise MageError(f"--init {where} does not fit this model (missing {bad[:3]}, unexpected {unexpected[:3]})")
     lr = cfg.blr * cfg.batch_size / 256
-    cuda = dev.type == "cuda"                                                      # fused: one kernel per step on GPUs
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas, foreach=not cuda, fused=cuda)
+    opt = adamw(param_groups(model, cfg.weight_decay), dev, lr=lr, betas=cfg.betas)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if cfg.ema_decay > 0 else None
     start = 0
     if resume:

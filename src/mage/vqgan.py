@@ -169,6 +169,8 @@ class VQTokenizer(nn.Module):
     #: grow with the batch (maskgit-256: ~0.18 GB per 256 px image; batch 4 peaked at 1.18 GB, one at a time
     #: 0.66 GB) while a CPU is compute-bound from the first image on (same speed measured either way).
     CPU_DECODE_PIXELS = 256 * 256
+    #: ``mage bench --baseline`` turns :meth:`channels_last` off to run the original's way
+    CHANNELS_LAST = True
 
     def __init__(self, config: TokenizerConfig):
         super().__init__()
@@ -176,6 +178,7 @@ class VQTokenizer(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.quantize = VectorQuantizer(config.codebook_size, config.code_dim)
+        self._channels_last = False
 
     # ---- the public API --------------------------------------------------------------------------
     @torch.no_grad()
@@ -184,7 +187,7 @@ class VQTokenizer(nn.Module):
         (row-major token grid) on the tokenizer's device."""
         self._check_images(images)
         w = self.encoder.conv_in.weight
-        return self.quantize.nearest(self.encoder(images.to(w.device, self._dtype())))
+        return self.quantize.nearest(self.encoder(self._layout(images.to(w.device, self._dtype()))))
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -198,19 +201,35 @@ class VQTokenizer(nn.Module):
             grid = (side, side)
         if ids.min() < 0 or ids.max() >= self.config.codebook_size:
             raise MageError(f"token ids must lie in [0, {self.config.codebook_size})")
-        zq = self.quantize.lookup(ids.long(), grid)                               # [B, C, h, w]
+        zq = self._layout(self.quantize.lookup(ids.long(), grid))                 # [B, C, h, w]
         if zq.device.type != "cpu":
-            return self.decoder(zq).float()
+            return self.decoder(zq).float().contiguous()
         f = self.config.downsample
         chunk = max(1, self.CPU_DECODE_PIXELS // (grid[0] * grid[1] * f * f))
-        return torch.cat([self.decoder(zq[i:i + chunk]).float() for i in range(0, zq.shape[0], chunk)])
+        return torch.cat([self.decoder(zq[i:i + chunk]).float() for i in range(0, zq.shape[0], chunk)]).contiguous()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training forward: (reconstruction, ids, codebook loss, commitment loss)."""
         zq, ids, cb, commit = self.quantize(self.encoder(images))
         return self.decoder(zq), ids, cb, commit
 
+    def channels_last(self) -> "VQTokenizer":
+        """For bf16 inference: store the 4-D conv weights channels-last (NHWC) and give ``encode`` / ``decode``
+        NHWC inputs, so oneDNN (CPU) and cuDNN run every convolution without a layout reorder around it.
+        maskgit-256, batch 4, 2-core AMX CPU, bf16 autocast: encode 2.07 -> 5.14 img/s, decode 2.31 -> 4.27.
+        Not the fp32 default: PyTorch's NHWC GroupNorm reduces less precisely (relative error 3e-5 per norm,
+        1.2e-4 at the encoder output against 9e-7 in NCHW, over the parity fixture's tolerance), while fp32
+        gains only 1.1-1.2x. ``MAGEPipeline`` (``weights="bf16"`` on bf16 hardware) and ``mage bench`` use it."""
+        for p in self.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+        self._channels_last = True
+        return self
+
     # ---- helpers ---------------------------------------------------------------------------------
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self._channels_last and self.CHANNELS_LAST else x
+
     def _dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype   # the dtype it computes in (bf16-stored weights are used in fp32)
 
