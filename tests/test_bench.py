@@ -87,3 +87,52 @@ def test_bench_cli_tiny(tmp_path, monkeypatch):
     assert res["matmul_peak"]["fp32"]["gflops"] > 0 and "MFU" in r.stdout
     r = run_cli("bench", "--preset", "nope")
     assert r.returncode == 2 and "unknown bench preset" in r.stderr
+
+
+def test_pipeline_bf16_computes_in_bf16_where_the_hardware_has_it():
+    """MAGEPipeline(bf16=True): bf16 autocast + a channels-last VQGAN on bf16 hardware, plain fp32 elsewhere;
+    the images come out fp32 in [0, 1] either way."""
+    from mage.pipeline import MAGEPipeline
+    from mage.precision import bf16_supported
+
+    torch.manual_seed(0)
+    model, tok = MAGE(mage_preset("tiny")), VQTokenizer(tokenizer_preset("tiny"))
+    pipe = MAGEPipeline(model, tok, bf16=True)
+    assert pipe.bf16 == bf16_supported("cpu")
+    assert tok.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == pipe.bf16
+    with pipe.math():
+        assert torch.is_autocast_enabled("cpu") == pipe.bf16
+    img = pipe.generate(3, seed=1)
+    assert img.dtype == torch.float32 and img.shape == (3, 3, 16, 16) and 0 <= img.min() and img.max() <= 1
+    assert torch.equal(pipe.generate(3, seed=1), img)                       # still deterministic
+    assert not MAGEPipeline(MAGE(mage_preset("tiny")), VQTokenizer(tokenizer_preset("tiny"))).bf16
+
+
+def test_adamw_is_fused_on_cpu():
+    from mage.distributed import adamw
+
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = adamw([{"params": [p]}], torch.device("cpu"), lr=1e-2)
+    assert opt.defaults["fused"] and not opt.defaults["foreach"]
+    p.sum().backward()
+    before = p.detach().clone()
+    opt.step()
+    assert not torch.equal(p.detach(), before)
+
+
+def test_bench_agreement_cli(tmp_path):
+    """mage bench --agreement MODEL: fp32 and fast-path token ids of the same seeds, one line."""
+    from mage.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    m = MAGE(mage_preset("tiny"))
+    save_checkpoint(str(tmp_path / "m"), m.state_dict(), m.config)
+    tok = VQTokenizer(tokenizer_preset("tiny"))
+    save_checkpoint(str(tmp_path / "m" / "tokenizer"), tok.state_dict(), tok.config)
+    r = run_cli("bench", "--agreement", str(tmp_path / "m"), "--num", "4", "--gen-steps", "2", "--json", str(tmp_path / "a.json"))
+    assert r.returncode == 0, r.stderr
+    assert "token ids equal" in r.stdout
+    got = json.loads((tmp_path / "a.json").read_text())
+    assert got["num"] == 4 and 0 <= got["token_agreement"] <= 100
+    r = run_cli("bench", "--agreement", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and r.stderr.startswith("mage: error:"), r.stderr

@@ -155,3 +155,61 @@ def test_training_step_is_one_graph():
     assert torch.allclose(got["loss"], want["loss"]) and torch.allclose(got["proj"], want["proj"])
     got["loss"].backward()
     assert m.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_cpu_dropout_mask_rate_seeding_and_scaling():
+    """The CPU dropout draws Bernoulli(p) from 16-bit uniforms: the rate, torch.manual_seed and E[out] = in."""
+    from mage.model import dropout, dropout_drop_mask
+
+    torch.manual_seed(3)
+    m = dropout_drop_mask((1000, 1001), 0.1)
+    assert m.shape == (1000, 1001) and m.dtype == torch.bool
+    assert abs(m.float().mean().item() - 0.1) < 2e-3                      # 1e6 draws: sd 3e-4
+    torch.manual_seed(3)
+    assert torch.equal(dropout_drop_mask((1000, 1001), 0.1), m)            # seeded by torch's generator
+    assert not torch.equal(dropout_drop_mask((1000, 1001), 0.1), m)
+    for p in (0.05, 0.5, 0.9):
+        assert abs(dropout_drop_mask((300_000,), p).float().mean().item() - p) < 5e-3
+    x = torch.full((400_000,), 2.0, requires_grad=True)
+    y = dropout(x, 0.1, True)
+    kept = y != 0
+    assert abs(y.mean().item() - 2.0) < 0.01                               # scaled by 1 / keep rate
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 2.0 / (1 - round(0.1 * 65536) / 65536)))
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)                                  # the gradient goes through the kept ones
+    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+
+
+def test_inplace_dropout_sites_keep_gradients_right():
+    """The model drops out in place after Linear / GELU / LayerNorm (autograd does not need those outputs):
+    with the same seed, the gradients equal those of out-of-place dropout."""
+    from mage import model as mm
+
+    m = tiny(dropout=0.3).train()
+    tokens = torch.randint(0, 32, (2, 16))
+    drop, mask, _ = m.sample_masks(2, torch.Generator().manual_seed(0))
+
+    def grads():
+        m.zero_grad()
+        torch.manual_seed(7)
+        m(tokens, drop, mask)["loss"].backward()
+        return [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    a = grads()
+    for mod in m.modules():
+        if isinstance(mod, mm.Dropout):
+            mod.inplace = False
+    b = grads()
+    assert len(a) == len(b) and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
+
+
+def test_explicit_cpu_attention_with_dropout_equals_sdpa():
+    """Training on a CPU with attention dropout spells attention out; with nothing dropped it is SDPA."""
+    from mage.model import Attention
+
+    torch.manual_seed(0)
+    att = Attention(32, 4, dropout=1e-9).train()                            # explicit path, p rounds to 0
+    x = torch.randn(3, 9, 32)
+    explicit = att(x)
+    att.attn_drop = 0.0                                                      # SDPA path
+    assert torch.allclose(explicit, att(x), atol=1e-5)

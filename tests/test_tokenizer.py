@@ -174,3 +174,18 @@ def test_reconstruction_metrics_position_entropy():
     ds = load_dataset("synthetic", "test", 16, "none", limit=8)
     m = reconstruction_metrics(tok, ds)
     assert 0.0 <= m["position_entropy"] <= torch.log(torch.tensor(float(min(8, tok.config.codebook_size)))).item() + 1e-6
+
+
+def test_channels_last_is_a_layout_not_a_change():
+    """channels_last() (bf16 inference) stores the conv weights NHWC; fp32 results stay within rounding."""
+    tok = tiny_tok().eval()
+    x = torch.rand(3, 3, tok.config.image_size, tok.config.image_size)
+    ids = tok.encode(x)
+    img = tok.decode(ids)
+    tok.channels_last()
+    w = tok.encoder.conv_in.weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    assert torch.equal(tok.encode(x), ids)
+    out = tok.decode(ids)
+    assert out.is_contiguous() and torch.allclose(out, img, atol=1e-4)
+    assert tok.state_dict()["encoder.conv_in.weight"].shape == w.shape

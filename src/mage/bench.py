@@ -137,7 +137,8 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
             weights16: bool = False, compiled: bool = False) -> dict[str, Any]:
     """Seconds per call and forward FLOPs per image of one workload (in this process).
     ``weights16``: inference with the weights stored in bf16 (:func:`mage.precision.store_weights_bf16`).
-    ``compiled``: training through ``torch.compile`` (as ``mage pretrain --compile``; compiling is in the warm-up)."""
+    ``compiled``: training through ``torch.compile`` (as ``mage pretrain --compile``), generation's forward with
+    freezing (as ``mage generate --compile``); compiling is in the warm-up."""
     from .distributed import adamw
     from .model import MAGE
     from .sampler import SamplerConfig, decode_tokens
@@ -190,9 +191,11 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
                     tok.decode(torch.zeros(batch, mcfg.num_tokens, dtype=torch.long, device=dev))
                 flops_per_image = (steps * fwd + c["flops"]) / batch
 
+                forward = torch.compile(model.logits, options={"freezing": True}) if compiled else None  # as --compile
+
                 def run():
                     with torch.no_grad(), ac:
-                        ids = decode_tokens(model, start, sampler, None, torch.Generator().manual_seed(0))
+                        ids = decode_tokens(model, start, sampler, None, torch.Generator().manual_seed(0), forward=forward)
                         tok.decode(ids)
             else:
                 model.train()
@@ -220,7 +223,7 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-        seconds = _timed(run, dev, repeats, warmup=3 if compiled else 1)
+        seconds = _timed(run, dev, repeats, warmup=3 if compiled and workload.startswith("train") else 1)
     return {"seconds": seconds, "images_per_s": batch / seconds, "flops_per_image": flops_per_image}
 
 
@@ -275,7 +278,7 @@ PRECISIONS = ("fp32", "bf16", "w16")
 def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_steps: list[int], baseline: bool = False,
               workloads: list[str] | None = None, repeats: int = 2, compile: bool = False) -> dict[str, Any]:
     """Everything in one run; prints a table as it goes and returns it as a dict (for --json).
-    ``compile``: the training workloads also run through ``torch.compile`` (mode "compiled")."""
+    ``compile``: the training and generation workloads also run through ``torch.compile`` (mode "compiled")."""
     from .precision import bf16_supported
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -304,7 +307,7 @@ def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_st
             for w in names:
                 if prec == "w16" and w.startswith("train"):
                     continue  # bf16-stored weights are for inference (training keeps fp32 master weights)
-                modes = ["mage"] + (["compiled"] if compile and w.startswith("train") else []) + (["original"] if baseline else [])
+                modes = ["mage"] + (["compiled"] if compile and w.startswith(("train", "gen-")) else []) + (["original"] if baseline else [])
                 got = {}
                 for mode in modes:
                     if mode == "original" and prec != "fp32":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -57,9 +58,11 @@ def _gumbel(shape: tuple[int, ...], generator: torch.Generator | None, device: t
 
 @torch.no_grad()
 def decode_tokens(model: MAGE, tokens: torch.Tensor, cfg: SamplerConfig, labels: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None, bf16: bool = False, trace: list | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, bf16: bool = False, trace: list | None = None,
+                  forward: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """tokens [B, L] with the mask id at unknown positions -> fully sampled ids [B, L].
 
+    ``forward`` replaces ``model.logits`` (same arguments), e.g. a compiled one (:class:`mage.compiling.CompiledInference`).
     ``labels`` [B] (class ids, -1 = unconditional) need a class-conditional model. With ``cfg > 0`` the
     logits are ``cond + w * (cond - uncond)``. ``trace`` (a list) receives the ids after every step."""
     cfg.check()
@@ -68,6 +71,7 @@ def decode_tokens(model: MAGE, tokens: torch.Tensor, cfg: SamplerConfig, labels:
     dev = tokens.device
     if labels is not None and model.class_emb is None and bool((labels >= 0).any()):
         raise MageError("this model is not class-conditional: train it with --class-conditional")
+    forward = forward or model.logits
     ids = tokens.clone()
     unknown0 = (ids == mask_id).sum(1, keepdim=True).float()                     # [B, 1]
     sampled = ids
@@ -75,12 +79,12 @@ def decode_tokens(model: MAGE, tokens: torch.Tensor, cfg: SamplerConfig, labels:
         r = (s + 1) / cfg.steps
         with autocast(dev, bf16):
             if cfg.cfg > 0 and labels is not None:  # conditional and unconditional rows in one forward
-                both = model.logits(torch.cat([ids, ids]), torch.cat([labels, torch.full_like(labels, -1)]))
+                both = forward(torch.cat([ids, ids]), torch.cat([labels, torch.full_like(labels, -1)]))
                 logits, uncond = both[:, 1:, :K].float().chunk(2)                # [B, L, K] each
                 w = cfg.cfg * (r if cfg.cfg_schedule == "linear" else 1.0)
                 logits = logits + w * (logits - uncond)
             else:
-                logits = model.logits(ids, labels)[:, 1:, :K].float()            # [B, L, K]
+                logits = forward(ids, labels)[:, 1:, :K].float()                 # [B, L, K]
         unknown = ids == mask_id                                                 # [B, L]
         logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
         B, L, _ = logp.shape
