@@ -74,11 +74,11 @@ def test_bench_cli_tiny(tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     w16 = [x for x in res["rows"] if x["precision"] == "w16"]
-    assert [(x["workload"], x["mode"]) for x in w16] == [("gen-2", "mage")]   # inference only, no original way
+    assert [(x["workload"], x["mode"]) for x in w16] == [("gen-2", "mage"), ("gen-2", "compiled")]  # inference only, no original way
     assert w16[0]["speedup_vs_original"] > 0
     rows = {(x["workload"], x["mode"]): x for x in res["rows"] if x["precision"] == "fp32"}
-    # --compile adds a torch.compile row for the training workload only
-    assert set(rows) == {(w, m) for w in ("train+tok", "gen-2") for m in ("mage", "original")} | {("train+tok", "compiled")}
+    # --compile adds a torch.compile row for the training and the generation workloads
+    assert set(rows) == {(w, m) for w in ("train+tok", "gen-2") for m in ("mage", "original", "compiled")}
     for (w, mode), x in rows.items():
         assert "error" not in x, x
         assert x["images_per_s"] > 0 and x["flops_per_image"] > 0 and x["peak_memory_gb"] > 0

@@ -57,7 +57,7 @@ class TokenizerConfig:
     disc_channels: int = 64
     disc_layers: int = 3
     dead_code_restart_every: int = 100             # 0 = off; restart codes unused in the last window
-    bf16: bool = False                             # bf16 convs are ~10x SLOWER than fp32 on this CPU build
+    bf16: bool = False                             # fp32 training (bf16 tokenizer quality not measured); inference follows the caller
     log_every: int = 20
     sample_every: int = 500                        # reconstruction grid PNG
     ckpt_every: int = 500

@@ -32,7 +32,7 @@ from .compiling import CompiledStep, check_mode as check_compile_mode
 from .distributed import TimeBudget, adamw, all_reduce_mean, barrier, init_distributed, to_device
 from .errors import MageError
 from .model import Block, TokenEmbedding
-from .precision import autocast
+from .precision import autocast, bf16_supported
 from .vocab import Vocab
 from .vqgan import VQTokenizer
 
@@ -129,6 +129,8 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
     if not os.path.exists(tok_path):
         raise MageError(f"no tokenizer next to the model ({tok_path})")
     tok = VQTokenizer.from_pretrained(tok_path).to(dev)
+    if cfg.bf16 and bf16_supported(dev.type):
+        tok.channels_last()                                                        # on-the-fly tokenizing runs in bf16
     tc = TokenCache(cache) if cache else None
     dataset = None
     if tc is not None:

@@ -30,7 +30,7 @@ from .compiling import CompiledStep, check_mode as check_compile_mode
 from .config import MAGEConfig
 from .distributed import DistInfo, TimeBudget, adamw, all_gather_cat, all_reduce_mean, barrier, init_distributed, to_device
 from .errors import MageError
-from .precision import autocast
+from .precision import autocast, bf16_supported
 from .model import MAGE
 from .vqgan import VQTokenizer
 
@@ -246,6 +246,8 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
     tok = VQTokenizer.from_pretrained(tokenizer).to(dev)
     for p in tok.parameters():
         p.requires_grad_(False)
+    if cfg.bf16 and bf16_supported(dev.type):
+        tok.channels_last()                                                        # on-the-fly tokenizing runs in bf16
     if tok.config.codebook_size != cfg.codebook_size or tok.config.num_tokens != cfg.num_tokens:
         raise MageError(f"tokenizer ({tok.config.codebook_size} codes, {tok.config.num_tokens} tokens per image) does not fit "
                         f"the model (codebook_size={cfg.codebook_size}, num_tokens={cfg.num_tokens}): "
