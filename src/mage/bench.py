@@ -138,7 +138,7 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
     """Seconds per call and forward FLOPs per image of one workload (in this process).
     ``weights16``: inference with the weights stored in bf16 (:func:`mage.precision.store_weights_bf16`).
     ``compiled``: training through ``torch.compile`` (as ``mage pretrain --compile``), generation's forward with
-    freezing (as ``mage generate --compile``); compiling is in the warm-up."""
+    inductor's freezing (prepacked weights, bias + GELU fused into the matmuls); compiling is in the warm-up."""
     from .distributed import adamw
     from .model import MAGE
     from .sampler import SamplerConfig, decode_tokens
@@ -191,7 +191,7 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
                     tok.decode(torch.zeros(batch, mcfg.num_tokens, dtype=torch.long, device=dev))
                 flops_per_image = (steps * fwd + c["flops"]) / batch
 
-                forward = torch.compile(model.logits, options={"freezing": True}) if compiled else None  # as --compile
+                forward = torch.compile(model.logits, options={"freezing": True}) if compiled else None  # see compiling.py
 
                 def run():
                     with torch.no_grad(), ac:

@@ -368,14 +368,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not args.model or not args.judge:
             raise MageError("agreement needs --model DIR and --judge DIR")
         r = ev.class_agreement(args.model, args.judge, args.per_class, _sampler(args), args.seed, args.batch_size, args.grid,
-                               weights=args.weights, compile=args.compile)
+                               weights=args.weights)
         line = (f"class agreement {r['agreement']:.2f}% over {r['num']} samples ({args.per_class} per class, "
                 f"cfg {args.cfg}, {args.steps} steps) | judge test accuracy {r['judge_test_accuracy']:.2f}%")
     else:
         r = ev.evaluate_fid(args.model, args.data, args.num, args.class_conditional, _sampler(args), args.seed, args.features,
                             args.ref_split, args.ref_num, args.ref_stats, args.ref_dir, args.images, args.images_split,
-                            args.data_dir, args.batch_size, image_size=args.image_size, weights=args.weights,
-                            compile=args.compile)
+                            args.data_dir, args.batch_size, image_size=args.image_size, weights=args.weights)
         line = ev.fid_line(r)
     if args.out:
         from .checkpoint import atomic_write_json
@@ -407,12 +406,9 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
 
 
-def _weights_arg(p: argparse.ArgumentParser, compile: bool = False) -> None:
+def _weights_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="fp32", help="fp32 | bf16 (stored in bf16: half the memory; bf16 math on bf16 "
                    "hardware, fp32 math elsewhere)")
-    if compile:
-        p.add_argument("--compile", action="store_true", help="torch.compile the sampler's forward (freezing): ~25 s "
-                       "of compiling per batch shape, then faster steps; for many images")
 
 
 def _sampler(args: argparse.Namespace):
@@ -441,7 +437,7 @@ def _generate(args: argparse.Namespace) -> int:
     sampler = _sampler(args)
     if args.num < 1:
         raise MageError("--num must be >= 1")
-    pipe = MAGEPipeline.from_pretrained(args.model, weights=args.weights, compile=args.compile)
+    pipe = MAGEPipeline.from_pretrained(args.model, weights=args.weights)
     if args.classes == "all":
         images = pipe.generate_per_class(args.num, sampler, args.seed, args.batch_size)
         nrow = args.num
@@ -515,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_label", default=None, help="class id or name (class-conditional models)")
     p.add_argument("--classes", default=None, help="'all': --num images of every class, one row per class")
     _sampler_args(p)
-    _weights_arg(p, compile=True)
+    _weights_arg(p)
     p.add_argument("--out", required=True, help="a .png grid, or a folder of PNGs")
 
     p = sub.add_parser("inpaint", help="regenerate a region of an image (remove, or replace with --class)")
@@ -586,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="store_true", help="also run the original's way (fp32, explicit softmax) for ratios")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per workload (after one warm-up)")
     p.add_argument("--compile", action="store_true", help="also time training and generation through torch.compile "
-                   "(mode 'compiled', as pretrain / generate --compile)")
+                   "(mode 'compiled'; training as pretrain --compile, generation's forward with freezing)")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     p.add_argument("--agreement", default=None, metavar="MODEL", help="instead: generate the same seeds with a trained "
                    "model in fp32 and on the fast path (bf16 autocast) and report the share of equal token ids")
@@ -617,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--through-tokenizer", default=None, metavar="TOKENIZER",
                    help="train-judge: train and test on this tokenizer's reconstructions (the recognition ceiling of its tokens)")
     _sampler_args(p)
-    _weights_arg(p, compile=True)
+    _weights_arg(p)
     p.add_argument("--out", default=None, help="fid/agreement: JSON file; train-judge: judge directory")
     p.add_argument("--json", action="store_true", help="print the full JSON instead of one line")
 

@@ -6,9 +6,8 @@ CUDA graphs. MAGE's training forward is one graph (the token drop is a static ga
 Compiling happens on the first step; if it fails there (no C++ compiler, an unsupported op), the run says so in
 one line and goes on eagerly rather than losing the job.
 
-``mage generate --compile``: the sampler's forward (``MAGE.logits``) through inductor with *freezing* (the weights
-become constants, so on a CPU the bf16 linears run as prepacked oneDNN matmuls with bias and GELU fused in):
-vit-b at batch 16, bf16, 2-core AMX CPU: 1.23x the eager forward, after ~25 s of compiling per batch shape.
+Generation is not compiled: the sampler's forward through inductor with freezing (``mage bench --compile``'s
+generation rows) measured 0.93-1.23x eager for vit-b at batch 16 in bf16 on a 2-core AMX CPU, run-to-run noise.
 """
 
 from __future__ import annotations
@@ -62,27 +61,3 @@ class CompiledStep:
             reset()
             return step(self.eager)
 
-
-class CompiledInference:
-    """``fn`` (e.g. ``model.logits``) compiled for inference with freezing; the first call is the compile check and
-    falls back to eager with a one-line warning (when ``verbose``) if it raises anything but a MageError."""
-
-    def __init__(self, fn: Callable[..., T], verbose: bool = True):
-        self.eager, self.verbose = fn, verbose
-        self.fn = torch.compile(fn, options={"freezing": True})
-        self._unchecked = True
-
-    def __call__(self, *args, **kwargs) -> T:
-        if not self._unchecked:
-            return self.fn(*args, **kwargs)
-        self._unchecked = False
-        try:
-            return self.fn(*args, **kwargs)
-        except MageError:
-            raise
-        except Exception as e:  # noqa: BLE001 -- any compiler failure: generation goes on eagerly
-            if self.verbose:
-                why = (str(e).strip().splitlines() or [""])[0][:200]
-                print(f"warning: --compile failed ({type(e).__name__}: {why}); generating eagerly", flush=True)
-            self.fn = self.eager
-            return self.eager(*args, **kwargs)

@@ -344,9 +344,9 @@ def evaluate_fid(model: str | None = None, data: str = "fashion-mnist", num: int
                  sampler=None, seed: int = 0, features: str = "inception", ref_split: str = "test", ref_num: int | None = None,
                  ref_stats: str | None = None, ref_dir: str | None = None, images: str | None = None, images_split: str = "train",
                  data_dir: str | None = None, batch_size: int = 50, cache_dir: str | None = None, progress: bool = True,
-                 image_size: int | None = None, weights: str = "fp32", compile: bool = False) -> dict[str, Any]:
+                 image_size: int | None = None, weights: str = "fp32") -> dict[str, Any]:
     """FID (+ KID, precision/recall) of a model's samples, or of real ``images`` (the floor), against a reference.
-    ``weights`` / ``compile``: how the model samples (:meth:`MAGEPipeline.from_pretrained`).
+    ``weights``: how the model samples (:meth:`MAGEPipeline.from_pretrained`).
 
     Reference: ``ref_stats`` (.npz mu/sigma), else ``ref_dir`` (folder of images), else ``data``'s ``ref_split``
     (``ref_num`` images, default ``num``; cached). Real sets are read at ``image_size`` (default: the model's
@@ -367,7 +367,7 @@ def evaluate_fid(model: str | None = None, data: str = "fashion-mnist", num: int
     pipe = None
     if model is not None:
         from .pipeline import MAGEPipeline
-        pipe = MAGEPipeline.from_pretrained(model, weights=weights, compile=compile)
+        pipe = MAGEPipeline.from_pretrained(model, weights=weights)
         if image_size not in (None, pipe.tokenizer.config.image_size):
             raise MageError(f"--image-size {image_size} differs from the model's resolution "
                             f"({pipe.tokenizer.config.image_size}); leave it out with --model")
@@ -528,13 +528,13 @@ def load_judge(path: str, device: torch.device | str = "cpu") -> tuple[Judge, di
 
 
 def class_agreement(model: str, judge: str, per_class: int = 100, sampler=None, seed: int = 0, batch_size: int = 100,
-                    grid: str | None = None, progress: bool = True, weights: str = "fp32", compile: bool = False) -> dict[str, Any]:
+                    grid: str | None = None, progress: bool = True, weights: str = "fp32") -> dict[str, Any]:
     """Share of class-conditional samples (per_class of every class) that the judge assigns to the intended class."""
     from .pipeline import MAGEPipeline
     from .sampler import SamplerConfig
 
     sampler = sampler or SamplerConfig()
-    pipe = MAGEPipeline.from_pretrained(model, weights=weights, compile=compile)
+    pipe = MAGEPipeline.from_pretrained(model, weights=weights)
     net, meta = load_judge(judge, pipe.device)
     C = pipe.model.config.num_classes
     if C == 0:

@@ -11,7 +11,6 @@ import os
 
 import torch
 
-from .compiling import CompiledInference
 from .errors import MageError
 from .model import MAGE
 from .precision import autocast, bf16_supported
@@ -20,19 +19,15 @@ from .vqgan import VQTokenizer
 
 
 class MAGEPipeline:
-    def __init__(self, model: MAGE, tokenizer: VQTokenizer, classes: list[str] | None = None, bf16: bool = False,
-                 compile: bool = False):
+    def __init__(self, model: MAGE, tokenizer: VQTokenizer, classes: list[str] | None = None, bf16: bool = False):
         """``bf16``: run the transformer and the VQGAN under bf16 autocast where the device has bf16 matrix
-        hardware (fp32 elsewhere), with the VQGAN channels-last (:meth:`VQTokenizer.channels_last`).
-        ``compile``: the sampler's forward through ``torch.compile`` with freezing (:class:`CompiledInference`):
-        worth it for many batches of one shape (an FID run), not for a few images."""
+        hardware (fp32 elsewhere), with the VQGAN channels-last (:meth:`VQTokenizer.channels_last`)."""
         if tokenizer.config.codebook_size != model.config.codebook_size or tokenizer.config.num_tokens != model.config.num_tokens:
             raise MageError("tokenizer and model do not fit (codebook size or token count differ)")
         self.model, self.tokenizer, self.classes = model.eval(), tokenizer.eval(), classes
         self.bf16 = bf16 and bf16_supported(self.device.type)
         if self.bf16:
             tokenizer.channels_last()
-        self.forward = CompiledInference(model.logits) if compile else model.logits   # what the sampler calls
 
     def math(self):
         """The context every computation of the pipeline runs in: bf16 autocast when ``self.bf16``."""
@@ -44,7 +39,7 @@ class MAGEPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str, tokenizer: str | None = None, device: str | torch.device | None = None,
-                        weights: str = "fp32", compile: bool = False) -> "MAGEPipeline":
+                        weights: str = "fp32") -> "MAGEPipeline":
         """Load model + tokenizer (default device: CUDA when available). ``weights="bf16"`` keeps the weights
         in bf16 (half the memory; see :func:`mage.precision.store_weights_bf16`) and, on bf16 hardware (a GPU,
         a CPU with AMX / AVX512-BF16), computes in bf16 too."""
@@ -62,8 +57,7 @@ class MAGEPipeline:
         cpath = os.path.join(path, "classes.json")
         if os.path.isfile(cpath):
             classes = json.load(open(cpath))
-        return cls(model, stored(VQTokenizer.from_pretrained(tok_path, map_location=device)), classes, bf16=weights == "bf16",
-                   compile=compile)
+        return cls(model, stored(VQTokenizer.from_pretrained(tok_path, map_location=device)), classes, bf16=weights == "bf16")
 
     # ---- classes ---------------------------------------------------------------------------------
     def class_index(self, name_or_id: str | int) -> int:
@@ -96,7 +90,7 @@ class MAGEPipeline:
             start = torch.full((n, self.model.config.num_tokens), self.model.vocab.mask_id, device=self.device)
             lab = None if labels is None else labels[s:s + n].to(self.device)
             with self.math():
-                out.append(decode_tokens(self.model, start, sampler, lab, g, forward=self.forward))
+                out.append(decode_tokens(self.model, start, sampler, lab, g))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -150,8 +144,7 @@ def _inpaint_tokens(pipe: MAGEPipeline, image: torch.Tensor, pixel_mask: torch.T
         tokens = pipe.tokenizer.encode(image[None].to(pipe.device))              # [1, L]
         tm = token_mask(pixel_mask, f).to(pipe.device)
         tokens[0, tm] = pipe.model.vocab.mask_id
-        out = decode_tokens(pipe.model, tokens, sampler, None if label is None else label.to(pipe.device), g,
-                            forward=pipe.forward)
+        out = decode_tokens(pipe.model, tokens, sampler, None if label is None else label.to(pipe.device), g)
         return pipe.tokenizer.decode(out)[0].float().clamp(0, 1).cpu()
 
 
