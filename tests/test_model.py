@@ -213,3 +213,25 @@ def test_explicit_cpu_attention_with_dropout_equals_sdpa():
     explicit = att(x)
     att.attn_drop = 0.0                                                      # SDPA path
     assert torch.allclose(explicit, att(x), atol=1e-5)
+
+
+def test_fused_linear_gelu_in_cpu_bf16_inference():
+    """Under bf16 autocast without grad, the MLP's fc1 + GELU is one oneDNN call: close to the unfused path."""
+    from mage import model as mm
+    from mage.precision import bf16_supported
+
+    if not bf16_supported("cpu") or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        pytest.skip("no bf16 CPU hardware here")
+    torch.manual_seed(0)
+    mlp, x = mm.Mlp(64, 256).eval(), torch.randn(2, 9, 64)
+    assert mm._linear_gelu_cpu(x, mlp.fc1) is None                          # fp32 / grad: the plain path
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = mlp(x)
+        assert mm._linear_gelu_cpu(x, mlp.fc1) is not None
+        mm.FUSE_LINEAR_GELU = False
+        try:
+            plain = mlp(x)
+        finally:
+            mm.FUSE_LINEAR_GELU = True
+    assert fused.dtype == plain.dtype == torch.bfloat16 and fused.shape == plain.shape
+    assert ((fused.float() - plain.float()).norm() / plain.float().norm()) < 2e-2

@@ -44,6 +44,7 @@ TOKENIZER_FOR = {"tiny": "tiny", "fmnist-32": "fmnist-32", "vit-b": "maskgit-256
 @contextlib.contextmanager
 def count_flops():
     """Counts forward FLOPs of Linear / Conv2d / attention / tied-head layers run inside the block: yields a dict."""
+    from . import model as mm
     from .model import Attention, MlmHead
 
     total = {"flops": 0.0}
@@ -73,9 +74,11 @@ def count_flops():
                 hooks.append(m.register_forward_hook(attention))
             elif isinstance(m, MlmHead):
                 hooks.append(m.register_forward_hook(head))
+    fused, mm.FUSE_LINEAR_GELU = mm.FUSE_LINEAR_GELU, False                   # every Linear through its module
     try:
         yield total
     finally:
+        mm.FUSE_LINEAR_GELU = fused
         for h in hooks:
             h.remove()
 

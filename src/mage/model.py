@@ -113,6 +113,22 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
+#: off = always the plain Linear + GELU (``mage bench`` counts FLOPs through the Linear modules' hooks)
+FUSE_LINEAR_GELU = True
+
+
+def _linear_gelu_cpu(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor | None:
+    """GELU(fc(x)) as one oneDNN bf16 matmul with bias and GELU fused (the op inductor uses), for CPU inference
+    under bf16 autocast; None where that does not apply (training, fp32, GPU, a torch without the op). eager
+    PyTorch otherwise writes fc1's output, copies the bias into it first and runs GELU as a third pass."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if (op is None or not FUSE_LINEAR_GELU or torch.is_grad_enabled() or x.device.type != "cpu"
+            or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16):
+        return None
+    b16 = torch.bfloat16
+    return op(x.to(b16), fc.weight.to(b16), fc.bias.to(b16), "gelu", [], "none")
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
@@ -121,7 +137,10 @@ class Mlp(nn.Module):
         self.drop = Dropout(dropout, inplace=True)               # after GELU and after fc2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+        h = _linear_gelu_cpu(x, self.fc1)
+        if h is None:
+            h = F.gelu(self.fc1(x))
+        return self.drop(self.fc2(self.drop(h)))
 
 
 class Block(nn.Module):
