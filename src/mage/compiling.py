@@ -60,4 +60,3 @@ class CompiledStep:
             self.module = self.eager
             reset()
             return step(self.eager)
-

@@ -119,10 +119,12 @@ FUSE_LINEAR_GELU = True
 
 def _linear_gelu_cpu(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor | None:
     """GELU(fc(x)) as one oneDNN bf16 matmul with bias and GELU fused (the op inductor uses), for CPU inference
-    under bf16 autocast; None where that does not apply (training, fp32, GPU, a torch without the op). eager
-    PyTorch otherwise writes fc1's output, copies the bias into it first and runs GELU as a third pass."""
+    under bf16 autocast; None where that does not apply (training, fp32, GPU, a torch without the op, a graph
+    being compiled: inductor fuses on its own). Eager PyTorch otherwise writes fc1's output, copies the bias into
+    it first and runs GELU as a third pass."""
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if (op is None or not FUSE_LINEAR_GELU or torch.is_grad_enabled() or x.device.type != "cpu"
+            or torch.compiler.is_compiling()
             or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16):
         return None
     b16 = torch.bfloat16

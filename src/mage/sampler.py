@@ -62,7 +62,7 @@ def decode_tokens(model: MAGE, tokens: torch.Tensor, cfg: SamplerConfig, labels:
                   forward: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """tokens [B, L] with the mask id at unknown positions -> fully sampled ids [B, L].
 
-    ``forward`` replaces ``model.logits`` (same arguments), e.g. a compiled one (:class:`mage.compiling.CompiledInference`).
+    ``forward`` replaces ``model.logits`` (same arguments), e.g. a compiled one (``mage bench --compile``).
     ``labels`` [B] (class ids, -1 = unconditional) need a class-conditional model. With ``cfg > 0`` the
     logits are ``cond + w * (cond - uncond)``. ``trace`` (a list) receives the ids after every step."""
     cfg.check()
