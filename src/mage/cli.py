@@ -321,7 +321,10 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import fast_path_agreement, run_bench
 
     if args.agreement:
-        steps = int(args.gen_steps.split(",")[0])
+        first = args.gen_steps.split(",")[0]
+        if not first.isdigit() or int(first) < 1 or args.num < 1:
+            raise MageError(f"--agreement needs --num >= 1 and --gen-steps >= 1 (got {args.num}, '{args.gen_steps}')")
+        steps = int(first)
         r = fast_path_agreement(args.agreement, num=args.num, steps=steps, judge=args.judge)
         line = f"fast path ({r['fast_path']}) vs fp32, {r['num']} samples, {steps} steps: token ids equal {r['token_agreement']:.2f}%"
         if args.judge:

@@ -30,7 +30,7 @@ class MAGEPipeline:
             tokenizer.channels_last()
 
     def math(self):
-        """The context every computation of the pipeline runs in: bf16 autocast when ``self.bf16``."""
+        """The context the VQGAN runs in: bf16 autocast when ``self.bf16`` (the sampler takes ``bf16=self.bf16``)."""
         return autocast(self.device, self.bf16)
 
     @property
@@ -89,8 +89,7 @@ class MAGEPipeline:
             g = torch.Generator().manual_seed(seed + b)
             start = torch.full((n, self.model.config.num_tokens), self.model.vocab.mask_id, device=self.device)
             lab = None if labels is None else labels[s:s + n].to(self.device)
-            with self.math():
-                out.append(decode_tokens(self.model, start, sampler, lab, g))
+            out.append(decode_tokens(self.model, start, sampler, lab, g, bf16=self.bf16))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -142,10 +141,10 @@ def _inpaint_tokens(pipe: MAGEPipeline, image: torch.Tensor, pixel_mask: torch.T
     f = pipe.tokenizer.config.downsample
     with pipe.math():
         tokens = pipe.tokenizer.encode(image[None].to(pipe.device))              # [1, L]
-        tm = token_mask(pixel_mask, f).to(pipe.device)
-        tokens[0, tm] = pipe.model.vocab.mask_id
-        out = decode_tokens(pipe.model, tokens, sampler, None if label is None else label.to(pipe.device), g)
-        return pipe.tokenizer.decode(out)[0].float().clamp(0, 1).cpu()
+    tm = token_mask(pixel_mask, f).to(pipe.device)
+    tokens[0, tm] = pipe.model.vocab.mask_id
+    out = decode_tokens(pipe.model, tokens, sampler, None if label is None else label.to(pipe.device), g, bf16=pipe.bf16)
+    return pipe.decode(out)[0]
 
 
 def _check_image(pipe: MAGEPipeline, image: torch.Tensor) -> int:
