@@ -284,6 +284,8 @@ def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_st
     ``compile``: the training and generation workloads also run through ``torch.compile`` (mode "compiled")."""
     from .precision import bf16_supported
 
+    if batch_size < 1 or repeats < 1 or not gen_steps or min(gen_steps) < 1:
+        raise MageError(f"bench needs batch_size >= 1, repeats >= 1 and gen_steps >= 1 (got {batch_size}, {repeats}, {gen_steps})")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for p in presets:
         if p not in TOKENIZER_FOR:

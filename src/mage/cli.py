@@ -23,10 +23,39 @@ def command(name: str):
     return wrap
 
 
+def _number(kind: type, low: float, strict: bool = False) -> Callable[[str], float]:
+    """argparse ``type=``: a number >= low (> low with strict); anything else is a one-line usage error, exit 2."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got '{text}'") from None
+        if v < low or (strict and v == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g} (got {text})")
+        return v
+    return parse
+
+
+POSITIVE = _number(int, 1)          # counts, batch sizes, epochs
+NONNEG = _number(float, 0)          # minutes (0 = no limit), guidance scales, weights
+POSITIVE_F = _number(float, 0, strict=True)
+
+
+def _int_list(text: str) -> list[int]:
+    """argparse ``type=``: comma-separated integers >= 1, e.g. '1,2,5,10'."""
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 such as 1,2,5,10, got '{text}'")
+    return vals
+
+
 def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help="fashion-mnist | mnist | folder:PATH | synthetic")
     p.add_argument("--data-dir", default=None, help="where the dataset files are (default: the installed location)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images of each split")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="use only the first N images of each split")
 
 
 def _compile_arg(p: argparse.ArgumentParser) -> None:
@@ -39,8 +68,8 @@ def _config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--preset", default=default_preset, help=f"named config (default {default_preset})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set lr=1e-4 (repeatable)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall-clock time")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--max-minutes", type=NONNEG, default=None, help="stop (and save) after this wall-clock time")
+    p.add_argument("--max-steps", type=POSITIVE, default=None, help="stop after this many optimizer steps")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -226,13 +255,15 @@ def _outpaint(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from .recognition import embed_dataset, save_features
 
+    if not args.out.endswith((".npz", ".safetensors")):
+        raise MageError(f"--out must end in .npz or .safetensors (got {args.out})")
     r = embed_dataset(args.model, args.data, args.split, args.pool, args.data_dir, args.limit)
     if args.out.endswith(".safetensors"):
         from safetensors.torch import save_file
         save_file({"features": r["features"].contiguous(), "labels": r["labels"]}, args.out,
                   metadata={"classes": json.dumps(r["classes"])})
     else:
-        save_features(r, args.out if args.out.endswith(".npz") else args.out + ".npz")
+        save_features(r, args.out)
     print(f"wrote {r['features'].shape[0]} x {r['features'].shape[1]} features to {args.out}")
     return 0
 
@@ -265,8 +296,7 @@ def _probe(args: argparse.Namespace) -> int:
               f"linear probe on {args.data} test: top-1 {m['top1']:.2f}%" + (f", top-5 {m['top5']:.2f}%" if "top5" in m else "")
               + (f" (classifier saved to {args.out})" if save else ""))
     else:
-        shots = [int(s) for s in args.shots.split(",")]
-        r = few_shot(tr["features"], tr["labels"], te["features"], te["labels"], shots, args.draws, args.seed)
+        r = few_shot(tr["features"], tr["labels"], te["features"], te["labels"], args.shots, args.draws, args.seed)
         if args.json:
             print(json.dumps(r))
         else:
@@ -321,10 +351,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import fast_path_agreement, run_bench
 
     if args.agreement:
-        first = args.gen_steps.split(",")[0]
-        if not first.isdigit() or int(first) < 1 or args.num < 1:
-            raise MageError(f"--agreement needs --num >= 1 and --gen-steps >= 1 (got {args.num}, '{args.gen_steps}')")
-        steps = int(first)
+        steps = args.gen_steps[0]
         r = fast_path_agreement(args.agreement, num=args.num, steps=steps, judge=args.judge)
         line = f"fast path ({r['fast_path']}) vs fp32, {r['num']} samples, {steps} steps: token ids equal {r['token_agreement']:.2f}%"
         if args.judge:
@@ -336,7 +363,7 @@ def _bench(args: argparse.Namespace) -> int:
             atomic_write_json(args.json, r)
         return 0
     res = run_bench(args.preset.split(","), args.batch_size, args.precision.split(","),
-                    [int(s) for s in args.gen_steps.split(",")], args.baseline,
+                    args.gen_steps, args.baseline,
                     args.workloads.split(",") if args.workloads else None, args.repeats, args.compile)
     if args.json:
         from .checkpoint import atomic_write_json
@@ -399,14 +426,14 @@ def _import_official(args: argparse.Namespace) -> int:
 # generation
 # --------------------------------------------------------------------------------------------------
 def _sampler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=20, help="decoding iterations (default 20, as the original)")
+    p.add_argument("--steps", type=POSITIVE, default=20, help="decoding iterations (default 20, as the original)")
     p.add_argument("--temperature", type=float, default=1.0, help="token sampling temperature (default 1)")
     p.add_argument("--choice-temperature", type=float, default=6.0, help="Gumbel noise on confidences, annealed to 0 (default 6.0)")
     p.add_argument("--schedule", default="cosine", help="cosine | linear | arccos")
-    p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
+    p.add_argument("--cfg", type=NONNEG, default=0.0, help="classifier-free guidance scale (0 = off)")
     p.add_argument("--cfg-schedule", default="constant", help="constant | linear")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=POSITIVE, default=64)
 
 
 def _weights_arg(p: argparse.ArgumentParser) -> None:
@@ -438,8 +465,6 @@ def _generate(args: argparse.Namespace) -> int:
     from .pipeline import MAGEPipeline
 
     sampler = _sampler(args)
-    if args.num < 1:
-        raise MageError("--num must be >= 1")
     pipe = MAGEPipeline.from_pretrained(args.model, weights=args.weights)
     if args.classes == "all":
         images = pipe.generate_per_class(args.num, sampler, args.seed, args.batch_size)
@@ -459,8 +484,15 @@ POOL_HELP = ("mean (over image tokens, the original's probe; default) | cls (pos
              "flat (every image token's feature in raster order, L*D dims: keeps the layout)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line too (``mage: error: ... (see 'mage CMD --help')``), exit 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"mage: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mage", description="MAGE: masked generative encoder (generation + recognition)")
+    ap = _Parser(prog="mage", description="MAGE: masked generative encoder (generation + recognition)")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
 
     p = sub.add_parser("train-tokenizer", help="train a VQGAN tokenizer on a dataset")
@@ -487,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops", type=int, default=0, help="also cache K random-resized-crop views per image "
                    "(the original's augmentation; pre-training draws one view per step)")
     p.add_argument("--crop-scale", type=float, default=0.2, help="smallest crop area fraction (default 0.2, the original's)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=POSITIVE, default=256)
 
     p = sub.add_parser("pretrain", help="pre-train MAGE by masked token modeling")
     _data_args(p, required=False)
@@ -505,12 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mage", default=None, help="original MAGE .pth ({'model': ...})")
     p.add_argument("--vqgan", default=None, help="original vqgan_jax_strongaug.ckpt (else taken from the MAGE file)")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-heads", type=int, default=None, help="encoder heads (known for the released widths)")
-    p.add_argument("--decoder-num-heads", type=int, default=None)
+    p.add_argument("--num-heads", type=POSITIVE, default=None, help="encoder heads (known for the released widths)")
+    p.add_argument("--decoder-num-heads", type=POSITIVE, default=None)
 
     p = sub.add_parser("generate", help="sample images from scratch (optionally of a class)")
     p.add_argument("--model", required=True, help="MAGE run or checkpoint directory")
-    p.add_argument("--num", type=int, default=16, help="images (per class with --classes all)")
+    p.add_argument("--num", type=POSITIVE, default=16, help="images (per class with --classes all)")
     p.add_argument("--class", dest="class_label", default=None, help="class id or name (class-conditional models)")
     p.add_argument("--classes", default=None, help="'all': --num images of every class, one row per class")
     _sampler_args(p)
@@ -523,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default=None, help="PNG of the image's size, white = regenerate")
     p.add_argument("--box", default=None, help="x0,y0,x1,y1 in the image's pixels")
     p.add_argument("--class", dest="class_label", default=None, help="fill with this class (replace)")
-    p.add_argument("--feather", type=int, default=0, help="soften the paste-back edge inside the mask (pixels)")
+    p.add_argument("--feather", type=_number(int, 0), default=0, help="soften the paste-back edge inside the mask (pixels)")
     _sampler_args(p)
     _weights_arg(p)
     p.add_argument("--out", required=True)
@@ -551,12 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--pool", default="mean", help=POOL_HELP)
     p.add_argument("--out", default=None, help="where to save the classifier (linear) / results (few-shot)")
-    p.add_argument("--epochs", type=int, default=90)
-    p.add_argument("--blr", type=float, default=0.1)
+    p.add_argument("--epochs", type=POSITIVE, default=90)
+    p.add_argument("--blr", type=POSITIVE_F, default=0.1)
     p.add_argument("--optimizer", default="sgd", help="sgd (default) | lars (the original's, for batch 4096)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--shots", default="1,2,5,10")
-    p.add_argument("--draws", type=int, default=5)
+    p.add_argument("--batch-size", type=POSITIVE, default=256)
+    p.add_argument("--shots", type=_int_list, default=[1, 2, 5, 10], help="shots per class, e.g. 1,2,5,10")
+    p.add_argument("--draws", type=POSITIVE, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
 
@@ -572,25 +604,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="top classes of images with a saved classifier")
     p.add_argument("--classifier", required=True)
     p.add_argument("images", nargs="+")
-    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--top", type=POSITIVE, default=3)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="throughput, memory and MFU of training, generation, tokenizer (a benchmark, not a test)")
     p.add_argument("--preset", default="fmnist-32,vit-b", help="MAGE presets (each with its tokenizer), comma-separated")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=POSITIVE, default=8)
     p.add_argument("--precision", default="fp32,bf16", help="any of fp32, bf16 (autocast; skipped where it is emulated), "
                    "w16 (inference with weights stored in bf16: half the weight memory)")
-    p.add_argument("--gen-steps", default="20", help="decoding steps of the generation workloads, e.g. 8,20")
+    p.add_argument("--gen-steps", type=_int_list, default=[20], help="decoding steps of the generation workloads, e.g. 8,20")
     p.add_argument("--workloads", default=None, help="subset of: train,train+tok,gen-S,encode,decode (default all)")
     p.add_argument("--baseline", action="store_true", help="also run the original's way (fp32, explicit softmax) for ratios")
-    p.add_argument("--repeats", type=int, default=2, help="timed calls per workload (after one warm-up)")
+    p.add_argument("--repeats", type=POSITIVE, default=2, help="timed calls per workload (after one warm-up)")
     p.add_argument("--compile", action="store_true", help="also time training and generation through torch.compile "
                    "(mode 'compiled'; training as pretrain --compile, generation's forward with freezing)")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     p.add_argument("--agreement", default=None, metavar="MODEL", help="instead: generate the same seeds with a trained "
                    "model in fp32 and on the fast path (bf16 autocast) and report the share of equal token ids")
     p.add_argument("--judge", default=None, help="with --agreement: also the FID-like score (judge features) of both")
-    p.add_argument("--num", type=int, default=200, help="with --agreement: samples")
+    p.add_argument("--num", type=POSITIVE, default=200, help="with --agreement: samples")
 
     p = sub.add_parser("evaluate", help="FID / KID / precision-recall, FID-like score, class agreement, judge training")
     p.add_argument("kind", choices=["fid", "agreement", "train-judge"])
@@ -598,21 +630,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="fid: score a real image set instead of a model (dataset spec; the floor)")
     p.add_argument("--images-split", default="train")
     _data_args(p, required=False)
-    p.add_argument("--num", type=int, default=5000, help="fid: generated (or --images) count (default 5000)")
+    p.add_argument("--num", type=_number(int, 2), default=5000, help="fid: generated (or --images) count (default 5000)")
     p.add_argument("--class-conditional", action="store_true", help="fid: sample classes in turn (balanced)")
     p.add_argument("--features", default="inception", help="inception (FID) | judge:DIR (FID-like, labelled so)")
     p.add_argument("--ref-split", default="test", help="fid: reference split of --data (default test)")
-    p.add_argument("--ref-num", type=int, default=None, help="fid: reference images (default --num)")
+    p.add_argument("--ref-num", type=_number(int, 2), default=None, help="fid: reference images (default --num)")
     p.add_argument("--ref-stats", default=None, help="fid: precomputed .npz with mu and sigma (e.g. ADM ImageNet 256)")
     p.add_argument("--ref-dir", default=None, help="fid: a folder of reference images (e.g. ImageNet val as PNG)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=POSITIVE, default=None,
                    help="fid with --images: resolution real images are read at (default 32; a model sets its own)")
     p.add_argument("--judge", default=None, help="agreement: judge directory from 'mage evaluate train-judge'")
-    p.add_argument("--per-class", type=int, default=100, help="agreement: samples per class (default 100)")
+    p.add_argument("--per-class", type=POSITIVE, default=100, help="agreement: samples per class (default 100)")
     p.add_argument("--grid", default=None, help="agreement: also save 10 samples per class as this PNG")
-    p.add_argument("--epochs", type=float, default=4, help="train-judge: epochs (default 4)")
-    p.add_argument("--width", type=int, default=32, help="train-judge: channels of the first stage (default 32)")
-    p.add_argument("--max-minutes", type=float, default=0.0, help="train-judge: wall-clock limit (0 = none)")
+    p.add_argument("--epochs", type=POSITIVE_F, default=4, help="train-judge: epochs (default 4)")
+    p.add_argument("--width", type=POSITIVE, default=32, help="train-judge: channels of the first stage (default 32)")
+    p.add_argument("--max-minutes", type=NONNEG, default=0.0, help="train-judge: wall-clock limit (0 = none)")
     p.add_argument("--through-tokenizer", default=None, metavar="TOKENIZER",
                    help="train-judge: train and test on this tokenizer's reconstructions (the recognition ceiling of its tokens)")
     _sampler_args(p)
@@ -622,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: train + evaluate on Fashion-MNIST, write a report")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--budget", type=float, default=15.0, help="wall-clock minutes for everything (default 15)")
+    p.add_argument("--budget", type=POSITIVE_F, default=15.0, help="wall-clock minutes for everything (default 15)")
     p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
     p.add_argument("--data-dir", default=None)
     return ap

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -19,6 +20,45 @@ from typing import Any, TypeVar
 from .errors import MageError
 
 T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------------
+# validation: a config that cannot train or run is refused when it is built (presets, --set, config.json)
+# --------------------------------------------------------------------------------------------------
+def _check(cfg: Any, rules: list[tuple[str, bool]]) -> None:
+    for name, ok in rules:
+        if not ok:
+            raise MageError(f"bad config: {name}={getattr(cfg, name)!r} is not allowed for {type(cfg).__name__}"
+                            + (f" ({_WHY[name]})" if name in _WHY else ""))
+
+
+_WHY = {
+    "num_tokens": "a square token grid, e.g. 64 or 256",
+    "num_heads": "must divide embed_dim", "decoder_num_heads": "must divide decoder_embed_dim",
+    "norm_groups": "must divide base_channels * every channel_mult",
+    "mask_ratio_min": "0 <= mask_ratio_min <= mask_ratio_max <= 1", "mask_ratio_max": "0 <= mask_ratio_min <= mask_ratio_max <= 1",
+    "dropout": "in [0, 1)", "drop_path": "in [0, 1)", "label_smoothing": "in [0, 1)", "layer_decay": "in (0, 1]",
+}
+
+
+def _recipe_checks(cfg: Any) -> list[tuple[str, bool]]:
+    """The training-recipe fields MAGEConfig and FinetuneConfig share."""
+    return [("batch_size", cfg.batch_size >= 1), ("blr", cfg.blr > 0), ("min_lr", cfg.min_lr >= 0),
+            ("weight_decay", cfg.weight_decay >= 0), ("epochs", cfg.epochs > 0), ("warmup_epochs", cfg.warmup_epochs >= 0),
+            ("max_steps", cfg.max_steps >= 0), ("max_minutes", cfg.max_minutes >= 0), ("grad_clip", cfg.grad_clip >= 0),
+            ("log_every", cfg.log_every >= 1), ("ckpt_every", cfg.ckpt_every >= 1)]
+
+
+def _check_augment(name: str) -> None:
+    from .transforms import AUGMENTS
+    if name not in AUGMENTS:
+        raise MageError(f"bad config: data_augment={name!r} (choose from: {', '.join(AUGMENTS)})")
+
+
+def _check_compile(mode: str) -> None:
+    from .compiling import MODES
+    if mode and mode not in MODES:
+        raise MageError(f"bad config: compile={mode!r} (choose from: {', '.join(MODES)}, or empty for eager)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,6 +102,28 @@ class TokenizerConfig:
     sample_every: int = 500                        # reconstruction grid PNG
     ckpt_every: int = 500
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self, [
+            ("image_size", self.image_size >= 1), ("in_channels", self.in_channels >= 1),
+            ("base_channels", self.base_channels >= 1), ("num_res_blocks", self.num_res_blocks >= 1),
+            ("channel_mult", len(self.channel_mult) >= 1 and min(self.channel_mult) >= 1),
+            ("codebook_size", self.codebook_size >= 2), ("code_dim", self.code_dim >= 1),
+            ("norm_groups", self.norm_groups >= 1 and all(self.base_channels * m % self.norm_groups == 0
+                                                          for m in self.channel_mult)),
+            ("dropout", 0 <= self.dropout < 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
+            ("max_steps", self.max_steps >= 1), ("max_minutes", self.max_minutes >= 0),
+            ("warmup_steps", self.warmup_steps >= 0), ("adversarial_start", self.adversarial_start >= 0),
+            ("disc_channels", self.disc_channels >= 1), ("disc_layers", self.disc_layers >= 1),
+            ("dead_code_restart_every", self.dead_code_restart_every >= 0),
+            ("log_every", self.log_every >= 1), ("sample_every", self.sample_every >= 1),
+            ("ckpt_every", self.ckpt_every >= 1),
+        ] + [(f, getattr(self, f) >= 0) for f in ("weight_decay", "commitment_weight", "codebook_weight", "l1_weight",
+                                                  "l2_weight", "perceptual_weight", "adversarial_weight")])
+        if self.image_size % self.downsample:
+            raise MageError(f"bad config: image_size={self.image_size} is not a multiple of the downsampling factor "
+                            f"{self.downsample} (2 ** (len(channel_mult) - 1))")
+        _check_augment(self.data_augment)
 
     @property
     def downsample(self) -> int:
@@ -149,6 +211,25 @@ class MAGEConfig:
     ckpt_every: int = 1000
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        side = math.isqrt(max(self.num_tokens, 0))
+        _check(self, [
+            ("num_tokens", self.num_tokens >= 1 and side * side == self.num_tokens),
+            ("codebook_size", self.codebook_size >= 2), ("num_classes", self.num_classes >= 0),
+            ("depth", self.depth >= 1), ("decoder_depth", self.decoder_depth >= 1),
+            ("num_heads", self.num_heads >= 1 and self.embed_dim % self.num_heads == 0),
+            ("decoder_num_heads", self.decoder_num_heads >= 1 and self.decoder_embed_dim % self.decoder_num_heads == 0),
+            ("mlp_ratio", self.mlp_ratio > 0), ("dropout", 0 <= self.dropout < 1), ("drop_path", 0 <= self.drop_path < 1),
+            ("mask_ratio_min", 0 <= self.mask_ratio_min <= self.mask_ratio_max),
+            ("mask_ratio_max", self.mask_ratio_min <= self.mask_ratio_max <= 1),
+            ("mask_ratio_std", self.mask_ratio_std > 0), ("label_smoothing", 0 <= self.label_smoothing < 1),
+            ("class_drop_prob", 0 <= self.class_drop_prob <= 1), ("contrastive_weight", self.contrastive_weight >= 0),
+            ("contrastive_temperature", self.contrastive_temperature > 0), ("contrastive_dim", self.contrastive_dim >= 1),
+            ("ema_decay", 0 <= self.ema_decay < 1),
+        ] + _recipe_checks(self))
+        _check_augment(self.data_augment)
+        _check_compile(self.compile)
+
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
@@ -204,6 +285,12 @@ class FinetuneConfig:
     ckpt_every: int = 1000
     seed: int = 0
 
+
+    def __post_init__(self) -> None:
+        _check(self, [("layer_decay", 0 < self.layer_decay <= 1), ("drop_path", 0 <= self.drop_path < 1),
+                      ("label_smoothing", 0 <= self.label_smoothing < 1)] + _recipe_checks(self))
+        _check_augment(self.data_augment)
+        _check_compile(self.compile)
 
 FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
     "tiny": FinetuneConfig(batch_size=8, blr=1e-3, epochs=2, warmup_epochs=0.5, max_steps=10, log_every=2, ckpt_every=5),

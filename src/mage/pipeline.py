@@ -82,6 +82,8 @@ class MAGEPipeline:
     def generate_tokens(self, num: int, labels: torch.Tensor | None = None, sampler: SamplerConfig | None = None,
                         seed: int = 0, batch_size: int = 64) -> torch.Tensor:
         """num token grids [num, L], sampled from scratch (100% masked). Batch b uses seed + b."""
+        if num < 1 or batch_size < 1:
+            raise MageError(f"generation needs num >= 1 and batch_size >= 1 (got {num}, {batch_size})")
         sampler = sampler or SamplerConfig()
         out = []
         for b, s in enumerate(range(0, num, batch_size)):

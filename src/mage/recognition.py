@@ -176,6 +176,8 @@ def train_probe(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int, 
     ``optimizer="lars"`` is the original's (tuned for batch 4096: at small batches its trust ratio of 1e-3
     barely moves the weights); the default is SGD with momentum 0.9. Trains on ``device`` (default: CUDA when
     available; 90 epochs over flat 16 x 16-token features are minutes on a CPU), returns the head on the CPU."""
+    if epochs < 1 or batch_size < 1 or blr <= 0:
+        raise MageError(f"a probe needs epochs >= 1, batch_size >= 1 and blr > 0 (got {epochs}, {batch_size}, {blr})")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     head = ProbeHead(train_f.shape[1], num_classes).to(dev)
@@ -251,6 +253,8 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, weig
 def few_shot(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
              shots: list[int], draws: int = 5, seed: int = 0) -> dict[str, Any]:
     """For each k: mean/std test accuracy over draws, for logistic regression and cosine prototypes."""
+    if not shots or min(shots) < 1 or draws < 1:
+        raise MageError(f"few-shot needs shots >= 1 and draws >= 1 (got shots {list(shots)}, draws {draws})")
     C = int(train_y.max()) + 1
     res: dict[str, Any] = {}
     for k in shots:
