@@ -12,6 +12,7 @@ import torch
 
 from mage.checkpoint import save_checkpoint
 from mage.config import finetune_preset, mage_preset, tokenizer_preset
+from mage.errors import MageError
 from mage.model import MAGE
 from mage.pretrain import cache_tokens, pretrain
 from mage.vqgan import VQTokenizer
@@ -89,6 +90,13 @@ def test_resume_is_bit_exact(tiny_setup, tmp_path):
     la = [json.loads(l)["loss"] for l in open(tmp_path / "a" / "log.jsonl")]
     lb = [json.loads(l)["loss"] for l in open(tmp_path / "b" / "log.jsonl")]
     assert la == lb
+    # starting afresh over run b would lose it (its newer checkpoints would even outlive the new run's): refused
+    before = sorted(os.listdir(tmp_path / "b" / "checkpoints"))
+    with pytest.raises(MageError, match="already holds a run.*--resume"):
+        pretrain(_cfg(), str(tmp_path / "b"), cache=cache, progress=False)
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == before
+    r = run_cli("pretrain", "--cache", cache, "--preset", "tiny", "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and r.stderr.startswith("mage: error:") and "--resume" in r.stderr, r.stderr
 
 
 def test_a_run_cut_short_logs_its_last_step(tiny_setup, tmp_path):

@@ -185,6 +185,8 @@ def test_finetune_trains_encoder_resumes_and_classifies(tiny_setup, tmp_path):  
     finetune(cfg, model_dir, str(tmp_path / "ft2"), data="synthetic", cache=cache, progress=False, resume=True)
     ft2 = load_weights(step_dirs(str(tmp_path / "ft2"))[-1][1])
     assert all(torch.equal(ft[k], ft2[k]) for k in ft)
+    with pytest.raises(MageError, match="already holds a run"):
+        finetune(cfg, model_dir, str(tmp_path / "ft2"), data="synthetic", cache=cache, progress=False)
     from mage.data import load_dataset
     from mage.transforms import save_image
     save_image(load_dataset("synthetic", "test", 16, limit=1)[0][0], str(tmp_path / "t.png"))

@@ -105,6 +105,8 @@ def test_training_improves_and_resumes_exactly(tmp_path):
     b = VQTokenizer.from_pretrained(str(tmp_path / "b")).state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    with pytest.raises(MageError, match="already holds a run"):      # not over a finished run without --resume
+        train_tokenizer(cfg, train, str(tmp_path / "b"), progress=False)
 
 
 def test_bad_inputs():

@@ -102,6 +102,14 @@ def atomic_write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def refuse_overwrite(run_dir: str, resume: bool) -> None:
+    """Starting a run afresh in a folder that holds one would lose it (its log is rewritten and, worse, its newer
+    checkpoints outlive the new run's in pruning): refuse unless resuming."""
+    if not resume and step_dirs(run_dir):
+        raise MageError(f"{run_dir} already holds a run (checkpoint at step {step_dirs(run_dir)[-1][0]}): "
+                        f"pass --resume to continue it, or choose another --out")
+
+
 def save_step(run_dir: str, step: int, weights: dict[str, torch.Tensor], config: Any,
               train_state: dict[str, Any] | None = None, keep_last: int = 2) -> str:
     """Save ``run_dir/checkpoints/step-{step}`` and prune all but the newest ``keep_last``."""

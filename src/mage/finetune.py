@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import (atomic_write_json, load_checkpoint, resolve_checkpoint,
+from .checkpoint import (atomic_write_json, load_checkpoint, refuse_overwrite, resolve_checkpoint,
                          save_checkpoint, save_step)
 from .config import FinetuneConfig, MAGEConfig
 from .compiling import CompiledStep, check_mode as check_compile_mode
@@ -120,6 +120,7 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
     from .pretrain import TokenCache, _Batches, _seed, lr_at, resume_latest
 
     check_compile_mode(cfg.compile)                                                # bad mode: before any work
+    refuse_overwrite(out, resume)
     info = init_distributed()
     dev = info.device
     weights, mcfg, where = load_checkpoint(model_dir)

@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, load_train_state, load_weights, resolve_checkpoint, save_checkpoint, save_step, step_dirs
+from .checkpoint import (load_checkpoint, load_train_state, load_weights, refuse_overwrite, resolve_checkpoint, save_checkpoint,
+                         save_step, step_dirs)
 from .compiling import CompiledStep, check_mode as check_compile_mode
 from .config import MAGEConfig
 from .distributed import DistInfo, TimeBudget, adamw, all_gather_cat, all_reduce_mean, barrier, init_distributed, to_device
@@ -236,6 +237,7 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
     """Pre-train MAGE into ``out`` (checkpoints, log.jsonl, curve.png, tokenizer/). Works under torchrun.
     ``stop_at`` ends the run early at that step (with a checkpoint), as an interruption would."""
     check_compile_mode(cfg.compile)                                                # bad mode: before any work
+    refuse_overwrite(out, resume)
     info = init_distributed()
     dev = info.device
     tc = TokenCache(cache) if cache else None

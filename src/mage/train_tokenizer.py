@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_train_state, save_step, step_dirs
+from .checkpoint import load_train_state, refuse_overwrite, save_step, step_dirs
 from .config import TokenizerConfig
 from .data import ImageDataset
 from .distributed import DistInfo, TimeBudget
@@ -152,6 +152,7 @@ def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val
                     resume: bool = False, progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
     """Train (or resume) a tokenizer into ``out``; returns final validation metrics.
     ``stop_at`` ends the run early at that step (with a checkpoint), as an interruption would."""
+    refuse_overwrite(out, resume)
     os.makedirs(os.path.join(out, "samples"), exist_ok=True)
     torch.manual_seed(cfg.seed)
     tok = VQTokenizer(cfg)
