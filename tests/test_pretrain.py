@@ -95,6 +95,8 @@ def test_resume_is_bit_exact(tiny_setup, tmp_path):
     with pytest.raises(MageError, match="already holds a run.*--resume"):
         pretrain(_cfg(), str(tmp_path / "b"), cache=cache, progress=False)
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == before
+    with pytest.raises(MageError, match="another model.*embed_dim 32 -> 64"):   # resuming with other widths
+        pretrain(_cfg(embed_dim=64), str(tmp_path / "b"), cache=cache, progress=False, resume=True)
     r = run_cli("pretrain", "--cache", cache, "--preset", "tiny", "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and r.stderr.startswith("mage: error:") and "--resume" in r.stderr, r.stderr
 

@@ -82,6 +82,12 @@ def test_probe_cli_classify_round_trip(tiny_setup, tmp_path):  # noqa: F811
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert len(res) == 3 and len(res[0]["top"]) == 2 and abs(sum(t["prob"] for t in res[0]["top"])) <= 1.0 + 1e-6
+    (tmp_path / "imgs").mkdir()                                   # a folder: every image under it, same answers
+    for i in range(3):
+        save_image(ds[i][0], str(tmp_path / "imgs" / f"t{i}.png"))
+    r = run_cli("classify", "--classifier", str(tmp_path / "clf"), str(tmp_path / "imgs"), "--top", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [x["top"] for x in json.loads(r.stdout)] == [x["top"] for x in res]
     # a probe on every token's feature (--pool flat) saves a classifier that classify uses the same way
     r = run_cli("probe", "linear", "--model", str(tmp_path / "m"), "--data", "synthetic", "--limit", "200",
                 "--epochs", "5", "--pool", "flat", "--out", str(tmp_path / "clf-flat"), "--json")

@@ -13,6 +13,7 @@ either the run directory or one step directory wherever a model is expected.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -124,6 +125,20 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         return load_file(os.path.join(path, WEIGHTS))
     except Exception as e:  # safetensors raises several types for corrupt files
         raise MageError(f"cannot read weights {os.path.join(path, WEIGHTS)}: {str(e).splitlines()[0]}") from None
+
+
+def load_resume_weights(module: torch.nn.Module, ckpt: str, cfg: Any = None) -> None:
+    """Load a run's checkpoint to resume it; a checkpoint of another model (other widths, classes, tokens) is a
+    one-line error naming the config fields that differ, not a PyTorch size-mismatch dump."""
+    try:
+        module.load_state_dict(load_weights(ckpt))
+    except RuntimeError:
+        cfg = cfg if cfg is not None else getattr(module, "config", None)
+        old = load_config(os.path.join(ckpt, CONFIG))
+        diff = [f"{k} {getattr(old, k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+                if hasattr(old, k) and getattr(old, k) != v] if dataclasses.is_dataclass(cfg) else []
+        raise MageError(f"cannot resume from {ckpt}: it holds another model ({', '.join(diff) or 'other weights'}); "
+                        f"resume with the run's own settings, or choose another --out") from None
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], Any, str]:

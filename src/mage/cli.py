@@ -333,7 +333,7 @@ def _classify(args: argparse.Namespace) -> int:
     clf = Classifier(args.classifier)
     tf = build_transform(clf.meta["image_size"], train=False, augment="none")
     results = []
-    for path in args.images:
+    for path in [f for item in args.images for f in (_image_files(item) if os.path.isdir(item) else [item])]:
         x = tf(load_image(path))[None]
         p = clf.predict(x)[0]
         top = p.topk(min(args.top, p.numel()))
@@ -603,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="top classes of images with a saved classifier")
     p.add_argument("--classifier", required=True)
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--top", type=POSITIVE, default=3)
     p.add_argument("--json", action="store_true")
 

@@ -25,8 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .checkpoint import (load_checkpoint, load_train_state, load_weights, refuse_overwrite, resolve_checkpoint, save_checkpoint,
-                         save_step, step_dirs)
+from .checkpoint import (load_checkpoint, load_resume_weights, load_train_state, refuse_overwrite, resolve_checkpoint,
+                         save_checkpoint, save_step, step_dirs)
 from .compiling import CompiledStep, check_mode as check_compile_mode
 from .config import MAGEConfig
 from .distributed import DistInfo, TimeBudget, adamw, all_gather_cat, all_reduce_mean, barrier, init_distributed, to_device
@@ -126,7 +126,7 @@ def resume_latest(out: str, model: torch.nn.Module, opt: torch.optim.Optimizer) 
     if not step_dirs(out):
         return 0, None
     last = step_dirs(out)[-1][1]
-    model.load_state_dict(load_weights(last))
+    load_resume_weights(model, last)
     st = load_train_state(last)
     opt.load_state_dict(st["optimizer"])
     return st["step"], st

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_train_state, refuse_overwrite, save_step, step_dirs
+from .checkpoint import load_resume_weights, load_train_state, refuse_overwrite, save_step, step_dirs
 from .config import TokenizerConfig
 from .data import ImageDataset
 from .distributed import DistInfo, TimeBudget
@@ -101,7 +101,7 @@ def reconstruction_metrics(tok: VQTokenizer, dataset: ImageDataset, batch_size: 
     p = counts / counts.sum()
     ent = -(p[p > 0] * p[p > 0].log()).sum().item()
     q = per_pos / per_pos.sum(1, keepdim=True).clamp_min(1)
-    pos_ent = -(q * q.clamp_min(1e-300).log()).sum(1).mean().item()
+    pos_ent = max(0.0, -(q * q.clamp_min(1e-300).log()).sum(1).mean().item())        # never '-0.00'
     return {"psnr": total_psnr / max(seen, 1), "usage": 100.0 * (counts > 0).float().mean().item(),
             "perplexity": math.exp(ent), "position_entropy": pos_ent, "images": seen}
 
@@ -164,10 +164,9 @@ def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val
     usage = torch.zeros(cfg.codebook_size)
     start = 0
     if resume and step_dirs(out):
-        from .checkpoint import load_weights
         last = step_dirs(out)[-1][1]
+        load_resume_weights(tok, last, cfg)
         state = load_train_state(last)
-        tok.load_state_dict(load_weights(last))
         disc.load_state_dict(state["disc"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
