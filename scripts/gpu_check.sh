@@ -23,6 +23,7 @@ torch.manual_seed(0)
 t = VQTokenizer(tokenizer_preset("maskgit-256"))
 save_checkpoint("/tmp/gpu_check/tok256", t.state_dict(), t.config)
 PYEOF
+rm -rf /tmp/gpu_check/vitb   # a warm machine keeps /tmp: a second run starts over (pretrain refuses to overwrite a run)
 $PY -m mage pretrain --data synthetic --tokenizer /tmp/gpu_check/tok256 --preset vit-b --max-steps 6 \
     --set batch_size=32 --set log_every=2 --set data_augment=flip --out /tmp/gpu_check/vitb 2>&1 | tail -2
 $PY -m mage generate --model /tmp/gpu_check/vitb --num 8 --steps 8 --out "$OUT/vitb_samples.png"

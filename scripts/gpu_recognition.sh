@@ -38,6 +38,8 @@ fi
 COMPILE=${COMPILE-default}   # the 8x8 step was launch-bound on the H200 (21 ms per step at batch 16)
 P="--cache $CACHE ${TOKENIZER:+--tokenizer $TOKENIZER} --preset fmnist-32-gpu --max-minutes $PM --set epochs=100000 ${COMPILE:+--compile $COMPILE} ${EXTRA:-}"
 for r in $V; do
+  for d in "$R/g$r" "$R/f$r"; do   # a second call starts fresh runs; earlier ones are moved aside, not lost
+    [ -d "$d" ] && mv "$d" "$d.before-$(date +%s)"; done   # (pretrain / finetune refuse to train over a run)
   $PY -m mage pretrain $P ${X[$r]} --out "$R/g$r" > "$LOGS/p$r.log" 2>&1 &
 done
 wait
