@@ -106,8 +106,9 @@ def atomic_write_json(path: str, obj: Any) -> None:
 def refuse_overwrite(run_dir: str, resume: bool) -> None:
     """Starting a run afresh in a folder that holds one would lose it (its log is rewritten and, worse, its newer
     checkpoints outlive the new run's in pruning): refuse unless resuming."""
-    if not resume and step_dirs(run_dir):
-        raise MageError(f"{run_dir} already holds a run (checkpoint at step {step_dirs(run_dir)[-1][0]}): "
+    steps = [] if resume else step_dirs(run_dir)
+    if steps:
+        raise MageError(f"{run_dir} already holds a run (checkpoint at step {steps[-1][0]}): "
                         f"pass --resume to continue it, or choose another --out")
 
 

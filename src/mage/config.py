@@ -15,7 +15,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from .errors import MageError
 
@@ -50,20 +50,23 @@ def _recipe_checks(cfg: Any) -> list[tuple[str, bool]]:
 
 
 def _check_augment(name: str) -> None:
-    from .transforms import AUGMENTS
-    if name not in AUGMENTS:
-        raise MageError(f"bad config: data_augment={name!r} (choose from: {', '.join(AUGMENTS)})")
+    from .transforms import check_augment
+    _wrap("data_augment", check_augment, name)
 
 
 def _check_compile(mode: str) -> None:
-    from .compiling import MODES
-    if mode and mode not in MODES:
-        raise MageError(f"bad config: compile={mode!r} (choose from: {', '.join(MODES)}, or empty for eager)")
+    from .compiling import check_mode
+    _wrap("compile", check_mode, mode)
 
 
-# --------------------------------------------------------------------------------------------------
-# Tokenizer (MaskGIT/MAGE VQGAN)
-# --------------------------------------------------------------------------------------------------
+def _wrap(field: str, check: Callable[[str], None], value: str) -> None:
+    """The module that owns a field's valid values checks it; the error says which config field it was."""
+    try:
+        check(value)
+    except MageError as e:
+        raise MageError(f"bad config: {field}: {e}") from None
+
+
 @dataclass
 class TokenizerConfig:
     """VQGAN architecture (MAGE.md 2.2) and its training recipe."""

@@ -35,7 +35,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mage.errors import MageError
-from mage.transforms import AUGMENTS, Transform, build_transform, load_image
+from mage.transforms import Transform, build_transform, check_augment, load_image
 
 __all__ = [
     "ImageDataset",
@@ -719,8 +719,7 @@ def load_dataset(
     """
     if split not in SPLITS:
         raise MageError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-    if augment not in AUGMENTS:
-        raise MageError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTS)}")
+    check_augment(augment)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise MageError(f"image size must be a positive integer, got {image_size!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):

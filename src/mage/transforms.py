@@ -33,6 +33,7 @@ PathLike = Union[str, os.PathLike]
 
 __all__ = [
     "AUGMENTS",
+    "check_augment",
     "Transform",
     "Compose",
     "Identity",
@@ -61,6 +62,12 @@ __all__ = [
 
 #: Valid values of the ``augment`` argument of :func:`build_transform`.
 AUGMENTS = ("none", "flip", "crop-flip")
+
+
+def check_augment(augment: str) -> None:
+    """MageError unless ``augment`` is one of :data:`AUGMENTS`."""
+    if augment not in AUGMENTS:
+        raise MageError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTS)}")
 
 _INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
@@ -414,8 +421,7 @@ def build_transform(image_size: int, train: bool, augment: str = "none") -> Tran
     Raises:
         MageError: unknown ``augment`` or non-positive ``image_size``.
     """
-    if augment not in AUGMENTS:
-        raise MageError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTS)}")
+    check_augment(augment)
     if not isinstance(image_size, int) or image_size < 1:
         raise MageError(f"image size must be a positive integer, got {image_size!r}")
     if not train or augment == "none":
