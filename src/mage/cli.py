@@ -158,7 +158,7 @@ def _image_files(path: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 @command("cache-tokens")
 def _cache_tokens(args: argparse.Namespace) -> int:
-    from .pretrain import cache_tokens
+    from .tokens import cache_tokens
 
     path = cache_tokens(args.tokenizer, args.data, args.out, split=args.split, data_dir=args.data_dir,
                         limit=args.limit, flip=not args.no_flip, batch_size=args.batch_size,

@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mage.errors import MageError
+from mage.seeding import mix
 from mage.transforms import Transform, build_transform, check_augment, load_image
 
 __all__ = [
@@ -83,32 +84,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _FOLDER_HOLDOUT = 0.05
 _MAX_NAMED_WARNINGS = 20
 
-_M64 = (1 << 64) - 1
-
-
-# ----------------------------------------------------------------------------------------
-# Seeding helpers
-# ----------------------------------------------------------------------------------------
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def _mix(*values: int) -> int:
-    """Hash integers (any sign/size mod 2**64) into one well-mixed 64-bit seed."""
-    h = 0x6A09E667F3BCC908
-    for v in values:
-        h = _splitmix64(h ^ (int(v) & _M64))
-    return h
+_M64 = (1 << 64) - 1  # numpy seeds take 64-bit words
 
 
 def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The :class:`torch.Generator` used to augment item ``index`` in ``epoch`` for ``seed``."""
-    return torch.Generator().manual_seed(_mix(seed, epoch, index))
+    return torch.Generator().manual_seed(mix(seed, epoch, index))
 
 
 # ----------------------------------------------------------------------------------------
@@ -584,7 +565,7 @@ def _synthetic_label(seed: int, gindex: int) -> int:
     k = len(SYNTHETIC_CLASSES)
     block, pos = divmod(gindex, k)
     order = list(range(k))
-    random.Random(_mix(seed, block, 0x5EED)).shuffle(order)
+    random.Random(mix(seed, block, 0x5EED)).shuffle(order)
     return order[pos]
 
 

@@ -84,7 +84,8 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
     from .config import mage_preset, tokenizer_preset
     from .data import load_dataset
     from .pipeline import MAGEPipeline, inpaint, outpaint
-    from .pretrain import TokenCache, cache_tokens, pretrain
+    from .pretrain import pretrain
+    from .tokens import TokenCache, cache_tokens
     from .recognition import accuracy, few_shot, train_probe
     from .sampler import SamplerConfig
     from .train_tokenizer import reconstruction_metrics, train_tokenizer
