@@ -95,7 +95,7 @@ def test_resume_is_bit_exact(tiny_setup, tmp_path):
     with pytest.raises(MageError, match="already holds a run.*--resume"):
         pretrain(_cfg(), str(tmp_path / "b"), cache=cache, progress=False)
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == before
-    with pytest.raises(MageError, match="another model.*embed_dim 32 -> 64"):   # resuming with other widths
+    with pytest.raises(MageError, match="other settings.*embed_dim 32 -> 64"):   # resuming with other widths
         pretrain(_cfg(embed_dim=64), str(tmp_path / "b"), cache=cache, progress=False, resume=True)
     r = run_cli("pretrain", "--cache", cache, "--preset", "tiny", "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and r.stderr.startswith("mage: error:") and "--resume" in r.stderr, r.stderr
@@ -212,15 +212,16 @@ def test_mage_c_loss_finite_and_decreasing(tiny_setup, tmp_path):
     assert m.contrastive_head is not None                           # the same checkpoints, with the head
 
 
-def test_time_budget_schedule_and_stop():
-    import time
+def test_schedule_by_steps_and_by_wall_time():
+    from mage.engine import Schedule
 
-    from mage.distributed import DistInfo, TimeBudget
-    none = TimeBudget(0.0, DistInfo())                       # no budget: steps drive the schedule
-    assert none.schedule_step(5, 100) == 5 and not none.out_of_time() and none.out_of_time(stop_here=True)
-    spent = TimeBudget(1e-5, DistInfo())                     # 0.6 ms budget: the clock is past the end
-    time.sleep(0.01)
-    assert spent.schedule_step(5, 100) == 100 and spent.out_of_time()
+    s = Schedule(lr=1.0, total=100, warmup=10, min_lr=0.1)
+    assert s(0) == 0 and s(5) == pytest.approx(0.5) and s(10) == pytest.approx(1.0) and s(100) == pytest.approx(0.1)
+    assert all(s(i) >= s(i + 1) for i in range(10, 100))                      # cosine: never back up
+    timed = Schedule(lr=1.0, total=100, warmup=10, max_minutes=1.0)         # the clock may run ahead of the steps
+    assert timed(20, elapsed_s=0) == pytest.approx(s.__class__(1.0, 100, 10)(20))
+    assert timed(20, elapsed_s=30) == pytest.approx(Schedule(1.0, 100, 10)(50)) and timed(20, elapsed_s=60) == 0
+    assert timed.progress(20, 30) == 0.5 and timed.progress(70, 30) == 0.7
 
 
 def test_gpu_presets_keep_the_fmnist_model():

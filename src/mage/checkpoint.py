@@ -6,14 +6,14 @@ A training run writes ``OUT/checkpoints/step-0000500/`` directories, each holdin
     config.json         the resolved config (see config.py)
     train_state.pt      optimizer, scaler, step, RNG states ... (only what resume needs)
 
-Each directory is first written under a temporary name and then renamed, so a crash never leaves a
-half-written checkpoint behind. ``resolve_checkpoint(OUT)`` finds the newest complete one, so users can pass
+Each directory is first written under a temporary name, fsynced and then renamed, so a crash never leaves a
+half-written checkpoint behind (``clean_partial`` removes the temporary leftovers of a killed write). ``resolve_checkpoint(OUT)`` finds the newest complete one, so users can pass
 either the run directory or one step directory wherever a model is expected.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
 import re
 import shutil
@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import load_config, save_config
+from .files import atomic_write, atomic_write_json, fsync_dir, fsync_tree  # noqa: F401  (re-exported)
 from .errors import MageError
 
 WEIGHTS = "model.safetensors"
@@ -64,9 +65,9 @@ def resolve_checkpoint(path: str) -> str:
 
 def save_checkpoint(path: str, weights: dict[str, torch.Tensor], config: Any,
                     train_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> str:
-    """Write a checkpoint directory atomically (temp dir + rename). ``extra`` maps file names to JSON-able dicts."""
-    import json
-
+    """Write a checkpoint directory atomically: a temporary folder, every file fsynced, then renamed.
+    ``extra`` maps file names to JSON-able dicts. ``train_state`` holds tensors and plain types only (it is
+    read back with ``weights_only=True``)."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
@@ -78,7 +79,8 @@ def save_checkpoint(path: str, weights: dict[str, torch.Tensor], config: Any,
         for name, obj in (extra or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(obj, f, indent=2)
-        if os.path.exists(path):  # replace an older copy: move it aside first, then swap
+        fsync_tree(tmp)
+        if os.path.exists(path):  # replace an older copy: move it aside first, then swap (see clean_partial)
             old = path + ".old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -86,21 +88,38 @@ def save_checkpoint(path: str, weights: dict[str, torch.Tensor], config: Any,
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def atomic_write_json(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file + rename (never a half-written file)."""
-    import json
+def clean_partial(folder: str) -> list[str]:
+    """Remove what a killed write left in ``folder``: ``.tmp-*`` files and folders; a ``X.old`` whose ``X`` is
+    missing (killed between the two renames of a replacement) is put back. Returns the names removed."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        full = os.path.join(folder, name)
+        if name.startswith(".tmp-"):
+            shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
+            removed.append(name)
+        elif name.endswith(".old"):
+            if os.path.exists(full[:-4]):
+                shutil.rmtree(full, ignore_errors=True)
+                removed.append(name)
+            else:
+                os.replace(full, full[:-4])
+    return removed
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+
+def remove_tree(path: str) -> None:
+    """Delete a folder so that a kill half-way leaves a ``.tmp-*`` (cleaned later), never a half checkpoint."""
+    doomed = os.path.join(os.path.dirname(path), ".tmp-removing-" + os.path.basename(path))
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def refuse_overwrite(run_dir: str, resume: bool) -> None:
@@ -117,7 +136,7 @@ def save_step(run_dir: str, step: int, weights: dict[str, torch.Tensor], config:
     """Save ``run_dir/checkpoints/step-{step}`` and prune all but the newest ``keep_last``."""
     path = save_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{step:07d}"), weights, config, train_state)
     for _, old in step_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     return path
 
 
@@ -128,32 +147,19 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         raise MageError(f"cannot read weights {os.path.join(path, WEIGHTS)}: {str(e).splitlines()[0]}") from None
 
 
-def load_resume_weights(module: torch.nn.Module, ckpt: str, cfg: Any = None) -> None:
-    """Load a run's checkpoint to resume it; a checkpoint of another model (other widths, classes, tokens) is a
-    one-line error naming the config fields that differ, not a PyTorch size-mismatch dump."""
-    try:
-        module.load_state_dict(load_weights(ckpt))
-    except RuntimeError:
-        cfg = cfg if cfg is not None else getattr(module, "config", None)
-        old = load_config(os.path.join(ckpt, CONFIG))
-        diff = [f"{k} {getattr(old, k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-                if hasattr(old, k) and getattr(old, k) != v] if dataclasses.is_dataclass(cfg) else []
-        raise MageError(f"cannot resume from {ckpt}: it holds another model ({', '.join(diff) or 'other weights'}); "
-                        f"resume with the run's own settings, or choose another --out") from None
-
-
 def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], Any, str]:
     """(weights, config, resolved dir) of a checkpoint or run directory."""
     ckpt = resolve_checkpoint(path)
     return load_weights(ckpt), load_config(os.path.join(ckpt, CONFIG)), ckpt
 
 
-def load_train_state(path: str) -> dict[str, Any]:
+def load_train_state(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's train state: tensors and plain types only (``weights_only=True``: a file cannot run code)."""
     f = os.path.join(path, STATE)
     if not os.path.isfile(f):
         raise MageError(f"{path} has no {STATE}: cannot resume from it")
     try:
-        return torch.load(f, map_location="cpu", weights_only=False)
+        return torch.load(f, map_location=map_location, weights_only=True)
     except Exception as e:
         raise MageError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
 

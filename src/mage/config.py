@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -100,6 +99,7 @@ class TokenizerConfig:
     disc_channels: int = 64
     disc_layers: int = 3
     dead_code_restart_every: int = 100             # 0 = off; restart codes unused in the last window
+    grad_clip: float = 1.0                         # max gradient norm of the generator and of the discriminator (0 = off)
     bf16: bool = False                             # fp32 training (bf16 tokenizer quality not measured); inference follows the caller
     log_every: int = 20
     sample_every: int = 500                        # reconstruction grid PNG
@@ -118,7 +118,7 @@ class TokenizerConfig:
             ("max_steps", self.max_steps >= 1), ("max_minutes", self.max_minutes >= 0),
             ("warmup_steps", self.warmup_steps >= 0), ("adversarial_start", self.adversarial_start >= 0),
             ("disc_channels", self.disc_channels >= 1), ("disc_layers", self.disc_layers >= 1),
-            ("dead_code_restart_every", self.dead_code_restart_every >= 0),
+            ("dead_code_restart_every", self.dead_code_restart_every >= 0), ("grad_clip", self.grad_clip >= 0),
             ("log_every", self.log_every >= 1), ("sample_every", self.sample_every >= 1),
             ("ckpt_every", self.ckpt_every >= 1),
         ] + [(f, getattr(self, f) >= 0) for f in ("weight_decay", "commitment_weight", "codebook_weight", "l1_weight",
@@ -396,10 +396,9 @@ def from_dict(d: dict[str, Any]) -> Any:
 
 
 def save_config(cfg: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
-    os.replace(tmp, path)
+    from .files import atomic_write_json
+
+    atomic_write_json(path, to_dict(cfg))
 
 
 def load_config(path: str) -> Any:

@@ -8,7 +8,6 @@ The global batch is fixed and split across ranks; rank 0 logs and saves.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -84,38 +83,10 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def _max_over_ranks(value: float, info: DistInfo) -> float:
+def max_over_ranks(value: float, info: DistInfo) -> float:
+    """The largest ``value`` over all ranks (every rank gets it)."""
     if not info.enabled:
         return value
     t = torch.tensor(float(value))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
-
-
-class TimeBudget:
-    """A wall-clock budget (``--max-minutes``) that every rank reads the same way.
-
-    With a budget the lr schedule follows wall time (the cosine ends when the budget does; such runs are not
-    bit-reproducible), and all ranks stop at the same step. ``minutes <= 0`` means no budget: the schedule
-    follows steps and only ``stop_at`` ends the run early."""
-
-    def __init__(self, minutes: float, info: DistInfo):
-        self.minutes, self.info, self.t0 = minutes, info, time.time()
-
-    @property
-    def elapsed_s(self) -> float:
-        return time.time() - self.t0
-
-    def schedule_step(self, step: int, total: int) -> int:
-        """The step the lr schedule should use: ``step``, or further on when the clock is ahead of it."""
-        if self.minutes <= 0:
-            return step
-        ahead = max(step, int(total * min(1.0, self.elapsed_s / 60 / self.minutes)))
-        return int(_max_over_ranks(ahead, self.info))
-
-    def out_of_time(self, stop_here: bool = False) -> bool:
-        """True on every rank once any rank's clock passes the budget (or ``stop_here``)."""
-        out = (self.minutes > 0 and self.elapsed_s / 60 >= self.minutes) or stop_here
-        if self.minutes > 0:
-            out = bool(_max_over_ranks(1.0 if out else 0.0, self.info))
-        return out

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import time
 from typing import Any, Callable
@@ -33,6 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import seeding
+from .distributed import DistInfo
+from .engine import LoopSettings, Task, fit
 from .errors import MageError
 
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
@@ -436,6 +438,32 @@ def _augment(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
               rows[:, None, :, None], cols[:, None, None, :]]
 
 
+class JudgeTask(Task):
+    """The judge CNN as an in-memory task of the training engine (AdamW, flips and shifts, label smoothing 0.1)."""
+
+    name = "train judge"
+
+    def __init__(self, net: Judge, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
+        self.model = self.net = net
+        self.optimizers = {"judge": torch.optim.AdamW(net.parameters(), lr=0.0, weight_decay=5e-4)}
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.global_batch = batch_size
+
+    def batches(self, start, end):
+        from .loader import step_rows
+
+        dev = next(self.net.parameters()).device
+        for step in range(start, end):
+            idx = step_rows(len(self.x), self.batch_size, self.seed, step)
+            x = _augment(self.x[idx], seeding.generator(self.seed, seeding.AUGMENT, step))
+            yield step, (x.to(dev), self.y[idx].to(dev))
+
+    def loss(self, net, batch, step):
+        x, y = batch
+        loss = F.cross_entropy(net(x), y, label_smoothing=0.1)
+        return loss, {"loss": loss}
+
+
 def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_size: int = 128, lr: float = 2e-3,
                 image_size: int = 32, max_minutes: float = 0.0, data_dir: str | None = None, seed: int = 0,
                 progress: bool = True, through_tokenizer: str | None = None) -> dict[str, Any]:
@@ -469,36 +497,14 @@ def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_s
 
     x = images(tr, "train")
     y = tr.labels()
-    C = len(tr.classes)
     torch.manual_seed(seed)
-    net = Judge(C, width).to(dev)
+    net = Judge(len(tr.classes), width).to(dev)
     steps = max(1, int(epochs * len(x) / batch_size))
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
-    g = torch.Generator().manual_seed(seed)
-    t0, step, warmup = time.time(), 0, max(1, min(100, steps // 10))
-    net.train()
-    with tqdm(total=steps, desc="train judge", disable=not progress, leave=False) as bar:
-        while step < steps:
-            perm = torch.randperm(len(x), generator=g)
-            for s in range(0, len(x) - batch_size + 1, batch_size):
-                frac = step / steps
-                if max_minutes > 0:
-                    frac = max(frac, (time.time() - t0) / 60 / max_minutes)
-                if frac >= 1 or step >= steps:
-                    break
-                for group in opt.param_groups:
-                    group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
-                idx = perm[s:s + batch_size]
-                loss = F.cross_entropy(net(_augment(x[idx], g).to(dev)), y[idx].to(dev), label_smoothing=0.1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            else:
-                continue
-            break
+    task = JudgeTask(net, x, y, min(batch_size, len(x)), seed)
+    t0 = time.time()
+    res = fit(task, LoopSettings(total_steps=steps, lr=lr, warmup_steps=max(1, min(100, steps // 10)),
+                                 max_minutes=max_minutes, log_every=50, seed=seed), DistInfo(device=dev), progress=progress)
+    step = res["step"]
     net.eval()
     xt = images(te, "test")
     with torch.no_grad():

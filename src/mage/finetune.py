@@ -25,14 +25,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import (atomic_write_json, load_checkpoint, refuse_overwrite, resolve_checkpoint,
-                         save_checkpoint, save_step)
+from . import fastpath
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .compiling import check_mode as check_compile_mode
 from .config import FinetuneConfig, MAGEConfig
-from .compiling import CompiledStep, check_mode as check_compile_mode
-from .distributed import TimeBudget, adamw, all_reduce_mean, barrier, init_distributed, to_device
+from .distributed import DistInfo, adamw, init_distributed
+from .engine import LoopSettings, Task, batch_count, fit
 from .errors import MageError
+from .files import atomic_write_json
 from .model import Block, TokenEmbedding
 from .precision import autocast, bf16_supported
+from .tokens import TokenCache
 from .vocab import Vocab
 from .vqgan import VQTokenizer
 
@@ -113,14 +116,52 @@ def evaluate_tokens(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor
     return m
 
 
+class FinetuneTask(Task):
+    name = "finetune"
+    curve = ("loss", "acc")
+
+    def __init__(self, cfg: FinetuneConfig, info: DistInfo, source, model: MAGEClassifier, tok_path: str):
+        self.config, self.info, self.source, self.model, self.tok_path = cfg, info, source, model, tok_path
+        self.net = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
+        self.synced = [self.net] if info.enabled else []
+        lr = cfg.blr * cfg.batch_size / 256
+        self.optimizers = {"model": adamw(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), info.device,
+                                          lr=lr, betas=cfg.betas)}
+        self.global_batch = cfg.batch_size
+
+    def on_start(self, out: str) -> None:
+        if not os.path.isdir(os.path.join(out, "tokenizer")):
+            shutil.copytree(resolve_checkpoint(self.tok_path), os.path.join(out, "tokenizer"),
+                            ignore=shutil.ignore_patterns("train_state.pt"))
+
+    def batches(self, start, end):
+        for step, tokens, labels in self.source(start, end):
+            yield step, (tokens[:, 0], labels)                          # [b, L], [b]
+
+    def loss(self, net, batch, step):
+        tokens, labels = batch
+        with autocast(self.info.device, self.config.bf16):
+            logits = net(tokens)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+        return loss, {"loss": loss, "acc": (logits.argmax(1) == labels).float().mean()}
+
+
+def settings(cfg: FinetuneConfig, n: int, accum: int = 1) -> LoopSettings:
+    """The loop's settings from the recipe: warm-up in epochs, at most 10% of the run."""
+    per_epoch, total = batch_count(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
+    return LoopSettings(total_steps=total, lr=cfg.blr * cfg.batch_size / 256,
+                        warmup_steps=min(int(cfg.warmup_epochs * per_epoch), max(1, total // 10)), min_lr=cfg.min_lr,
+                        max_minutes=cfg.max_minutes, grad_clip=cfg.grad_clip, accum=accum, compile=cfg.compile,
+                        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, seed=cfg.seed)
+
+
 def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = None, cache: str | None = None,
              data_dir: str | None = None, limit: int | None = None, resume: bool = False, progress: bool = True,
-             stop_at: int | None = None) -> dict[str, Any]:
+             stop_at: int | None = None, accum: int = 1, workers: int = 0) -> dict[str, Any]:
     """Fine-tune ``model_dir``'s encoder on labelled data; writes OUT/{checkpoints, model, tokenizer, classifier.json}."""
-    from .pretrain import TokenCache, _Batches, _seed, lr_at, resume_latest
+    from .pretrain import TokenSource
 
     check_compile_mode(cfg.compile)                                                # bad mode: before any work
-    refuse_overwrite(out, resume)
     info = init_distributed()
     dev = info.device
     weights, mcfg, where = load_checkpoint(model_dir)
@@ -147,74 +188,17 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
         classes, labels_all = dataset.classes, dataset.labels()
     if not classes or int(labels_all.min()) < 0:
         raise MageError("fine-tuning needs a labelled dataset")
-    C = len(classes)
-    batches = _Batches(cfg, info, tc, dataset)
-    total = cfg.max_steps if cfg.max_steps > 0 else int(cfg.epochs * batches.per_epoch)
-    warmup = min(int(cfg.warmup_epochs * batches.per_epoch), max(1, total // 10))
+    source = TokenSource(info, cfg.batch_size, cfg.seed, 1, tok, tc, dataset, workers, cfg.bf16)
+    loop = settings(cfg, source.n, accum)
 
     torch.manual_seed(cfg.seed)
     arch = dataclasses.replace(mcfg, num_classes=0, contrastive_weight=0.0)
-    model = MAGEClassifier(arch, C, cfg.drop_path).to(dev)
+    model = MAGEClassifier(arch, len(classes), cfg.drop_path).to(dev)
     model.load_pretrained(weights, where)
-    lr = cfg.blr * cfg.batch_size / 256
-    opt = adamw(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), dev, lr=lr, betas=cfg.betas)
-    start = resume_latest(out, model, opt)[0] if resume else 0
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
-    run_step = CompiledStep(ddp, cfg.compile, info.is_main)                        # --compile (eager by default)
-
-    def seed_step() -> None:                                                        # drop-path / dropout of this step
-        torch.manual_seed(_seed(cfg.seed, 19, step, info.rank))
-
-    def forward_backward(f):
-        with autocast(dev, cfg.bf16):
-            logits = f(tokens)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        return logits, loss
-
+    fastpath.apply(model, dev, training=True)     # CPU dropout and attention (graphs being compiled keep their own)
+    task = FinetuneTask(cfg, info, source, model, tok_path)
+    result = fit(task, loop, info, out, resume=resume, progress=progress, stop_at=stop_at)
     if info.is_main:
-        os.makedirs(out, exist_ok=True)
-        if not os.path.isdir(os.path.join(out, "tokenizer")):
-            shutil.copytree(resolve_checkpoint(tok_path), os.path.join(out, "tokenizer"), ignore=shutil.ignore_patterns("train_state.pt"))
-    log = open(os.path.join(out, "log.jsonl"), "a") if info.is_main else None
-    bar = tqdm(total=total, initial=start, desc="finetune", disable=not (progress and info.is_main), dynamic_ncols=True)
-    budget, step, last = TimeBudget(cfg.max_minutes, info), start, {"loss": float("nan"), "acc": float("nan")}
-    while step < total:
-        sched = budget.schedule_step(step, total)
-        cur = lr_at(step if step < warmup else sched, total, warmup, lr, cfg.min_lr)
-        for g in opt.param_groups:
-            g["lr"] = cur * g["lr_scale"]
-        tokens, images, labels = batches.get(step, False)
-        if tokens is None:
-            with torch.no_grad(), autocast(dev, cfg.bf16):
-                tokens = tok.encode(images.to(dev))
-        tokens, labels = to_device(tokens, dev), to_device(labels, dev)
-        seed_step()
-        model.train()
-        logits, loss = run_step(forward_backward, reset=seed_step)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        out_of_time = budget.out_of_time(step == stop_at)
-        if step % cfg.log_every == 0 or step == total or out_of_time:                 # the last step is always logged
-            acc = (logits.argmax(1) == labels).float().mean()
-            last = {"loss": all_reduce_mean(loss.detach(), info).item(), "acc": all_reduce_mean(acc, info).item()}
-            if info.is_main:
-                log.write(json.dumps({"step": step, **last, "lr": cur, "elapsed_s": budget.elapsed_s}) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{100 * last['acc']:.1f}%", lr=f"{cur:.2e}")
-        bar.update(1)
-        if info.is_main and (step % cfg.ckpt_every == 0 or step == total or out_of_time):
-            save_step(out, step, model.state_dict(), cfg, {"step": step, "optimizer": opt.state_dict(), "arch": dataclasses.asdict(arch)})
-        if out_of_time:
-            break
-    bar.close()
-    barrier(info)
-    result: dict[str, Any] = {"step": step, **last, "minutes": budget.elapsed_s / 60}
-    if info.is_main:
-        log.close()
         xt, yt = _test_tokens(tok, data, data_dir, None, dev)
         metrics = evaluate_tokens(model, xt, yt)
         result.update(metrics)
@@ -222,7 +206,7 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
         atomic_write_json(os.path.join(out, "classifier.json"), {
             "kind": "finetune", "model": "model", "tokenizer": "tokenizer", "pretrained": os.path.abspath(model_dir),
             "image_size": tok.config.image_size, "classes": classes, "pool": "mean", "data": data,
-            "metrics": metrics, "steps": step, "recipe": dataclasses.asdict(cfg)})
+            "metrics": metrics, "steps": result["step"], "recipe": dataclasses.asdict(cfg)})
     return result
 
 

@@ -17,6 +17,7 @@ VIEWS = 11             # which cached view each row uses
 STEP = 13              # torch's global RNG during a step (dropout, drop-path, label dropout)
 MASKS = 17             # mask ratio and positions (MAGE-C's second view: MASKS + 1)
 CODES = 23             # the tokenizer's dead-code restarts
+AUGMENT = 29           # batch-level augmentation of in-memory images (the judge)
 
 
 def _splitmix64(x: int) -> int:

@@ -11,13 +11,13 @@ network (the FID Inception-v3) needs 299 px inputs, which costs ~50x the whole 3
 it would also make our FID numbers partly self-referential. ``perceptual_weight`` is kept in the config for
 a future network.
 
-Everything is deterministic given the seed: batch order derives from (seed, epoch), so ``--resume``
-continues with exactly the batches a straight run would have used.
+Everything is deterministic given the seed (batch order, augmentation and restarts are seeded per step), so
+``--resume`` continues with exactly what a straight run would have done. Runs on GPUs and under torchrun
+through the training engine (engine.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -27,10 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_resume_weights, load_train_state, refuse_overwrite, save_step, step_dirs
+from . import seeding
+from .checkpoint import load_strict
 from .config import TokenizerConfig
 from .data import ImageDataset
-from .distributed import DistInfo, TimeBudget
+from .distributed import DistInfo, all_gather_cat, init_distributed, to_device
+from .engine import LoopSettings, Task, fit
+from .files import atomic_write_json
 from .precision import autocast
 from .transforms import save_image
 from .vqgan import VQTokenizer
@@ -60,23 +63,6 @@ def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse)
 
 
-def batch_iterator(dataset: ImageDataset, batch_size: int, seed: int, start_step: int = 0):
-    """Infinite (step, images, labels) stream; the order depends only on (seed, epoch), so it can resume."""
-    n = len(dataset)
-    per_epoch = max(1, n // batch_size)
-    step = start_step
-    while True:
-        epoch, i = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        idx = perm[i * batch_size:(i + 1) * batch_size].tolist()
-        items = [dataset[j] for j in idx]
-        yield step, torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-        step += 1
-
-
 @torch.no_grad()
 def reconstruction_metrics(tok: VQTokenizer, dataset: ImageDataset, batch_size: int = 256,
                            limit: int | None = None, bf16: bool = False, progress: bool = False) -> dict[str, float]:
@@ -89,9 +75,10 @@ def reconstruction_metrics(tok: VQTokenizer, dataset: ImageDataset, batch_size: 
     total_psnr, seen = 0.0, 0
     for s in tqdm(range(0, n, batch_size), desc="evaluate", disable=not progress, leave=False):
         x = torch.stack([dataset[i][0] for i in range(s, min(n, s + batch_size))])
-        with autocast("cpu", bf16):
+        with autocast(tok.quantize.embedding.weight.device, bf16):
             ids = tok.encode(x)
-            rec = tok.decode(ids)
+            rec = tok.decode(ids).cpu()
+            ids = ids.cpu()
         flat = ids.reshape(ids.shape[0], -1).long()                                  # [B, L]
         per_pos.view(-1).index_add_(0, (torch.arange(flat.shape[1]) * per_pos.shape[1] + flat).flatten(),
                                     torch.ones(flat.numel(), dtype=torch.float64))
@@ -106,22 +93,6 @@ def reconstruction_metrics(tok: VQTokenizer, dataset: ImageDataset, batch_size: 
             "perplexity": math.exp(ent), "position_entropy": pos_ent, "images": seen}
 
 
-def _progress(cfg: TokenizerConfig, step: int, elapsed_s: float) -> float:
-    """Fraction of the run done: by steps, or by wall time when ``max_minutes`` ends the run sooner.
-    (A time-limited run is therefore not bit-reproducible; a step-limited one is.)"""
-    frac = step / max(1, cfg.max_steps)
-    if cfg.max_minutes > 0:
-        frac = max(frac, elapsed_s / 60 / cfg.max_minutes)
-    return min(1.0, frac)
-
-
-def _lr(cfg: TokenizerConfig, step: int, progress: float) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak at the end of the run."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def _restart_dead_codes(tok: VQTokenizer, usage: torch.Tensor, z: torch.Tensor, g: torch.Generator) -> int:
     """Re-seed codes unused since the last restart with encoder outputs of this batch, drawn with probability
     proportional to their squared distance to the nearest live code (k-means++ seeding).
@@ -134,7 +105,7 @@ def _restart_dead_codes(tok: VQTokenizer, usage: torch.Tensor, z: torch.Tensor, 
     if dead.numel() == 0:
         return 0
     flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])         # [N, C]
-    codes = tok.quantize.embedding.weight.detach().float()
+    codes = tok.quantize.embedding.weight.detach().float().cpu()
     live = (usage > 0).nonzero().flatten()
     if live.numel() > 0:
         err = torch.cdist(flat, codes[live]).min(dim=1).values.pow(2)              # [N]
@@ -144,109 +115,134 @@ def _restart_dead_codes(tok: VQTokenizer, usage: torch.Tensor, z: torch.Tensor, 
     replace = int((err > 1e-9).sum()) < dead.numel()
     pick = torch.multinomial(err, dead.numel(), replacement=replace, generator=g)
     noise = torch.randn(dead.numel(), flat.shape[1], generator=g) * flat.std() * 0.01
-    tok.quantize.embedding.weight.data[dead] = flat[pick] + noise
+    w = tok.quantize.embedding.weight
+    w.data[dead.to(w.device)] = (flat[pick] + noise).to(w.device, w.dtype)
     return int(dead.numel())
 
 
-def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val_set: ImageDataset | None = None,
-                    resume: bool = False, progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
-    """Train (or resume) a tokenizer into ``out``; returns final validation metrics.
-    ``stop_at`` ends the run early at that step (with a checkpoint), as an interruption would."""
-    refuse_overwrite(out, resume)
-    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    tok = VQTokenizer(cfg)
-    disc = PatchDiscriminator(cfg.in_channels, cfg.disc_channels, cfg.disc_layers)
-    opt_g = torch.optim.Adam([p for n, p in tok.named_parameters()], lr=cfg.lr, betas=cfg.betas,
-                             weight_decay=cfg.weight_decay)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    usage = torch.zeros(cfg.codebook_size)
-    start = 0
-    if resume and step_dirs(out):
-        last = step_dirs(out)[-1][1]
-        load_resume_weights(tok, last, cfg)
-        state = load_train_state(last)
-        disc.load_state_dict(state["disc"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        g.set_state(state["gen_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        usage = state["usage"]
-        start = state["step"]
-    log = open(os.path.join(out, "log.jsonl"), "a")
-    fixed = torch.stack([train_set[i][0] for i in range(min(16, len(train_set)))])
-    budget = TimeBudget(cfg.max_minutes, DistInfo())                                # one process
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="train-tokenizer", disable=not progress, dynamic_ncols=True)
-    step = start
-    stream = batch_iterator(train_set, cfg.batch_size, cfg.seed, start)
-    while step < cfg.max_steps:
-        step, x, _ = next(stream)
-        tok.train()
-        frac = _progress(cfg, step, budget.elapsed_s)
-        cur_lr = _lr(cfg, step, frac)
-        for o in (opt_g, opt_d):
-            for pg in o.param_groups:
-                pg["lr"] = cur_lr
+class _AutoEncoder(nn.Module):
+    """The tokenizer's training forward as one module (what DDP wraps): images -> (reconstruction, ids,
+    codebook loss, commitment loss, encoder output z)."""
+
+    def __init__(self, tok: VQTokenizer):
+        super().__init__()
+        self.tok = tok
+
+    def forward(self, x: torch.Tensor):
+        z = self.tok.encoder(x)
+        zq, ids, cb, commit = self.tok.quantize(z)
+        return self.tok.decoder(zq), ids, cb, commit, z
+
+
+class TokenizerTask(Task):
+    """VQGAN training: the generator loss and, once the discriminator has joined, its hinge loss in one backward
+    (the discriminator is frozen while it scores the generator's output, so each loss reaches only its side)."""
+
+    name = "train-tokenizer"
+    curve = ("loss", "psnr", "usage")
+
+    def __init__(self, cfg: TokenizerConfig, info: DistInfo, train_set: ImageDataset, workers: int):
+        self.config, self.info, self.train_set, self.workers = cfg, info, train_set, workers
+        torch.manual_seed(cfg.seed)
+        self.model = VQTokenizer(cfg).to(info.device)
+        self.disc = PatchDiscriminator(cfg.in_channels, cfg.disc_channels, cfg.disc_layers).to(info.device)
+        ae = _AutoEncoder(self.model)
+        self.net = torch.nn.parallel.DistributedDataParallel(ae) if info.enabled else ae
+        self.synced = [self.net] if info.enabled else []
+        self.optimizers = {"generator": torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                                         weight_decay=cfg.weight_decay),
+                           "discriminator": torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=cfg.betas)}
+        self.global_batch = cfg.batch_size
+        self.usage = torch.zeros(cfg.codebook_size, device=info.device)   # code counts since the last restart
+        self.fixed = torch.stack([train_set[i][0] for i in range(min(16, len(train_set)))])
+        self.out, self.progress, self.last_z = None, 0.0, None
+
+    def on_start(self, out: str) -> None:
+        self.out = out
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+
+    def batches(self, start, end):
+        from .loader import step_batches
+
+        for step, x, _ in step_batches(self.train_set, self.config.batch_size, self.config.seed, start, end,
+                                       self.info.rank, self.info.world, self.workers, 1, self.info.device):
+            yield step, (to_device(x, self.info.device),)
+
+    def loss(self, net, batch, step):
+        cfg, (x,) = self.config, batch
         # the discriminator joins after a warm-up (adversarial_start steps, or that share of the time budget)
-        use_adv = cfg.adversarial_weight > 0 and frac >= cfg.adversarial_start / max(1, cfg.max_steps)
-        # ---- generator ----
-        with autocast("cpu", cfg.bf16):
-            z = tok.encoder(x)
-            zq, ids, cb_loss, commit_loss = tok.quantize(z)
-            rec = tok.decoder(zq).float()
+        use_adv = cfg.adversarial_weight > 0 and self.progress >= cfg.adversarial_start / max(1, cfg.max_steps)
+        with autocast(self.info.device, cfg.bf16):
+            rec, ids, cb_loss, commit_loss, z = net(x)
+            rec = rec.float()
             rec_loss = cfg.l1_weight * (rec - x).abs().mean() + cfg.l2_weight * (rec - x).pow(2).mean()
             loss = rec_loss + cfg.codebook_weight * cb_loss + cfg.commitment_weight * commit_loss
+            d_loss = torch.zeros((), device=x.device)
             if use_adv:
-                g_adv = -disc(rec).float().mean()
-                loss = loss + cfg.adversarial_weight * g_adv
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_g.step()
-        # ---- discriminator (hinge) ----
-        d_loss = torch.zeros(())
-        if use_adv:
-            with autocast("cpu", cfg.bf16):
-                d_loss = F.relu(1 - disc(x).float()).mean() + F.relu(1 + disc(rec.detach()).float()).mean()
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-        # ---- codebook health ----
-        usage += torch.bincount(ids.flatten(), minlength=cfg.codebook_size).float()
-        step += 1
-        restarted = 0
+                self.disc.requires_grad_(False)
+                loss = loss - cfg.adversarial_weight * self.disc(rec).float().mean()
+                self.disc.requires_grad_(True)
+                d_loss = F.relu(1 - self.disc(x).float()).mean() + F.relu(1 + self.disc(rec.detach()).float()).mean()
+        self.usage += torch.bincount(ids.flatten(), minlength=cfg.codebook_size).float()
+        self.last_z = z.detach()
+        return loss + d_loss, {"loss": loss, "rec": rec_loss, "commit": commit_loss, "d_loss": d_loss,
+                               "psnr": psnr(rec.detach(), x).mean()}
+
+    def reduce_grads(self) -> None:
+        """The discriminator is not DDP-wrapped (it runs three times a step): average its gradients here."""
+        if self.info.enabled:
+            for p in self.disc.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.info.world
+
+    def after_step(self, step: int, progress: float) -> dict[str, float]:
+        cfg, restarted = self.config, 0
         if cfg.dead_code_restart_every and step % cfg.dead_code_restart_every == 0:
-            used_pct = 100.0 * (usage > 0).float().mean().item()
-            if frac < 0.9:  # leave the codebook alone at the very end
-                restarted = _restart_dead_codes(tok, usage, z, g)
-            usage.zero_()
+            if self.info.enabled:
+                torch.distributed.all_reduce(self.usage)
+            used = 100.0 * (self.usage > 0).float().mean().item()
+            if progress < 0.9:  # leave the codebook alone at the very end
+                z = all_gather_cat(self.last_z, self.info)                  # every rank re-seeds the same codes
+                restarted = _restart_dead_codes(self.model, self.usage.cpu(), z.cpu(),
+                                                seeding.generator(cfg.seed, seeding.CODES, step))
+            self.usage.zero_()
         else:
-            used_pct = 100.0 * (usage > 0).float().mean().item()
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            p = psnr(rec.detach(), x).mean().item()
-            rec_ = {"step": step, "loss": loss.item(), "rec": rec_loss.item(), "commit": commit_loss.item(),
-                    "d_loss": d_loss.item(), "psnr": p, "usage": used_pct, "restarted": restarted,
-                    "lr": cur_lr, "elapsed_s": budget.elapsed_s}
-            log.write(json.dumps(rec_) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{loss.item():.3f}", psnr=f"{p:.1f}", usage=f"{used_pct:.0f}%")
-        bar.update(1)
-        out_of_time = budget.out_of_time(step == stop_at)
-        if step % cfg.sample_every == 0 or step == cfg.max_steps or out_of_time:
-            _write_grid(tok, fixed, os.path.join(out, "samples", f"recon-{step:07d}.png"), cfg.bf16)
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or out_of_time:
-            save_step(out, step, tok.state_dict(), cfg, {
-                "step": step, "disc": disc.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                "gen_rng": g.get_state(), "torch_rng": torch.get_rng_state(), "usage": usage.clone()})
-        if out_of_time:
-            break
-    bar.close()
-    log.close()
-    metrics: dict[str, Any] = {"step": step, "train_minutes": budget.elapsed_s / 60}
-    if val_set is not None:
-        metrics.update(reconstruction_metrics(tok, val_set, bf16=False))
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+            used = 100.0 * (self.usage > 0).float().mean().item()
+        if self.out is not None and step % cfg.sample_every == 0:
+            _write_grid(self.model, self.fixed, os.path.join(self.out, "samples", f"recon-{step:07d}.png"), cfg.bf16)
+        return {"usage": used, "restarted": restarted}
+
+    def state_dict(self):
+        return {"disc": self.disc.state_dict(), "usage": self.usage}
+
+    def load_state_dict(self, state):
+        load_strict(self.disc, state["disc"], "the run's discriminator")
+        self.usage.copy_(state["usage"])
+
+    def on_checkpoint(self, out: str, step: int) -> None:
+        _write_grid(self.model, self.fixed, os.path.join(out, "samples", f"recon-{step:07d}.png"), self.config.bf16)
+
+
+def settings(cfg: TokenizerConfig, accum: int = 1) -> LoopSettings:
+    """Warm-up over ``warmup_steps``, then cosine to 10% of the peak at the end of the run."""
+    return LoopSettings(total_steps=cfg.max_steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr=0.1 * cfg.lr,
+                        max_minutes=cfg.max_minutes, grad_clip=cfg.grad_clip, accum=accum, log_every=cfg.log_every,
+                        ckpt_every=cfg.ckpt_every, seed=cfg.seed)
+
+
+def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val_set: ImageDataset | None = None,
+                    resume: bool = False, progress: bool = True, stop_at: int | None = None, accum: int = 1,
+                    workers: int = 0) -> dict[str, Any]:
+    """Train (or resume) a tokenizer into ``out``; returns final validation metrics. Works under torchrun.
+    ``stop_at`` ends the run early at that step (with a checkpoint), as an interruption would."""
+    info = init_distributed()
+    task = TokenizerTask(cfg, info, train_set, workers)
+    res = fit(task, settings(cfg, accum), info, out, resume=resume, progress=progress, stop_at=stop_at)
+    metrics: dict[str, Any] = {"step": res["step"], "train_minutes": res["minutes"], "skipped": res["skipped"]}
+    if val_set is not None and info.is_main:
+        metrics.update(reconstruction_metrics(task.model, val_set, bf16=False))
+        atomic_write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
 
 
@@ -254,6 +250,6 @@ def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val
 def _write_grid(tok: VQTokenizer, x: torch.Tensor, path: str, bf16: bool) -> None:
     """Originals (top rows) above their reconstructions (bottom rows)."""
     tok.eval()
-    with autocast("cpu", bf16):
-        rec = tok.decode(tok.encode(x)).float().clamp(0, 1)
+    with autocast(tok.quantize.embedding.weight.device, bf16):
+        rec = tok.decode(tok.encode(x)).float().clamp(0, 1).cpu()
     save_image(torch.cat([x, rec]), path, nrow=min(8, x.shape[0]))
