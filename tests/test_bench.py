@@ -139,3 +139,24 @@ def test_bench_agreement_cli(tmp_path):
     for bad, needle in ((["--num", "0"], "--num: must be >= 1"), (["--gen-steps", "x"], "--gen-steps: expected")):
         r = run_cli("bench", "--agreement", str(tmp_path / "m"), *bad)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
+
+
+def test_data_workload_tiny(tmp_path, monkeypatch, capsys):
+    """--workloads data: its own table (decode + crop-flip with 0 and 2 workers, cache-tokens, TokenCache RSS)."""
+    import functools
+
+    from mage.loader import default_workers
+
+    monkeypatch.setenv("MAGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(bench, "measure_data", functools.partial(bench.measure_data, size=32, batch=4, tokenize_images=40,
+                                                                 rss_rows=2000, root=str(tmp_path)))
+    res = bench.run_bench(["tiny"], 2, ["fp32"], [2], workloads=["data"], data_images=48)
+    stages = [(r["stage"], r.get("workers")) for r in res["rows"]]
+    tok_workers = min(default_workers(), 2)                                  # 40 images in batches of 32: 2 batches
+    assert stages == [("decode+crop-flip", 0), ("decode+crop-flip", 2), ("cache-tokens", tok_workers), ("token-cache-rss", None)]
+    assert all(r["workload"] == "data" for r in res["rows"]) and res["matmul_peak"] == {}
+    assert all(r["images_per_s"] > 0 and r["images"] == 48 for r in res["rows"][:2])
+    assert 0.5 < res["rows"][3]["rss_over_file"] < 1.2
+    out = capsys.readouterr().out
+    assert "decode+crop-flip" in out and "random-init tokenizer" in out and "MFU" not in out
+    assert len(list((tmp_path / "mage-bench-data" / "48x32").rglob("*.jpg"))) == 48

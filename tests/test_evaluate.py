@@ -1,5 +1,6 @@
 """Evaluation: the Frechet distance, KID/PR sanity, the Inception features, the judge, agreement + FID CLIs."""
 
+import dataclasses
 import json
 import os
 
@@ -87,7 +88,7 @@ def judge_and_model(tmp_path_factory):
     assert r.returncode == 0, r.stderr
     torch.manual_seed(0)
     cfg = mage_preset("tiny")
-    cfg.num_classes = 4
+    cfg = dataclasses.replace(cfg, num_classes=4)
     m = MAGE(cfg)
     d = root / "m"
     save_checkpoint(str(d), m.state_dict(), m.config)

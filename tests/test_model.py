@@ -1,5 +1,6 @@
 """MAGE model on tiny configs: shapes, masking invariants, determinism, overfitting one batch."""
 
+import dataclasses
 import math
 
 import pytest
@@ -13,8 +14,7 @@ from mage.vocab import Vocab
 
 def tiny(**kw):
     cfg = mage_preset("tiny")
-    for k, v in kw.items():
-        setattr(cfg, k, v)
+    cfg = dataclasses.replace(cfg, **kw)
     torch.manual_seed(0)
     return MAGE(cfg)
 
@@ -145,14 +145,17 @@ def test_kept_positions_is_the_boolean_token_drop():
 def test_training_step_is_one_graph():
     """No graph break and no data-dependent shape in the training forward (class tokens, MAGE-C head, dropout
     included), so torch.compile / CUDA graphs capture it whole; the captured graph computes the same loss."""
+    from mage import fastpath
+
     m = tiny(num_classes=3, class_drop_prob=0.0, contrastive_weight=0.1, dropout=0.0).train()
+    fastpath.apply(m, "cpu", training=True)                                 # as CPU training runs it
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 32, (4, 16), generator=g)
     drop, mask, _ = m.sample_masks(4, g)
     labels = torch.tensor([0, 1, -1, 2])
     want = m(tokens, drop, mask, labels)
     got = torch.compile(m, fullgraph=True, backend="eager")(tokens, drop, mask, labels)   # raises on a graph break
-    # eager CPU training writes the attention out, the graph uses SDPA: equal up to fp32 rounding
+    # the fast path's eager CPU training writes the attention out, the graph uses SDPA: equal up to fp32 rounding
     assert torch.allclose(got["loss"], want["loss"]) and torch.allclose(got["proj"], want["proj"], atol=1e-6)
     got["loss"].backward()
     assert m.blocks[0].attn.qkv.weight.grad is not None
@@ -160,7 +163,7 @@ def test_training_step_is_one_graph():
 
 def test_cpu_dropout_mask_rate_seeding_and_scaling():
     """The CPU dropout draws Bernoulli(p) from 16-bit uniforms: the rate, torch.manual_seed and E[out] = in."""
-    from mage.model import dropout, dropout_drop_mask
+    from mage.fastpath import dropout, dropout_drop_mask
 
     torch.manual_seed(3)
     m = dropout_drop_mask((1000, 1001), 0.1)
@@ -183,10 +186,11 @@ def test_cpu_dropout_mask_rate_seeding_and_scaling():
 
 def test_inplace_dropout_sites_keep_gradients_right():
     """The model drops out in place after Linear / GELU / LayerNorm (autograd does not need those outputs):
-    with the same seed, the gradients equal those of out-of-place dropout."""
-    from mage import model as mm
+    with the same seed, the gradients equal those of out-of-place dropout (the fast path's CPU dropout too)."""
+    from mage import fastpath
 
     m = tiny(dropout=0.3).train()
+    fastpath.apply(m, "cpu", training=True)
     tokens = torch.randint(0, 32, (2, 16))
     drop, mask, _ = m.sample_masks(2, torch.Generator().manual_seed(0))
 
@@ -198,19 +202,22 @@ def test_inplace_dropout_sites_keep_gradients_right():
 
     a = grads()
     for mod in m.modules():
-        if isinstance(mod, mm.Dropout):
+        if isinstance(mod, torch.nn.Dropout):
+            assert isinstance(mod, fastpath.CPUDropout) and mod.inplace
             mod.inplace = False
     b = grads()
     assert len(a) == len(b) and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
 
 
 def test_explicit_cpu_attention_in_training_equals_sdpa():
-    """Training on a CPU spells attention out; with nothing dropped it is SDPA (eval), in fp32 and in bf16
-    autocast, forward and input gradients."""
+    """The fast path spells attention out in CPU training; with nothing dropped it is SDPA (eval), in fp32 and
+    in bf16 autocast, forward and input gradients."""
+    from mage import fastpath
     from mage.model import Attention
 
     torch.manual_seed(0)
-    att = Attention(32, 4, dropout=0.0)
+    att = fastpath.apply(Attention(32, 4, dropout=0.0), "cpu", training=True)
+    assert isinstance(att, fastpath.ExplicitAttention)
     x = torch.randn(3, 9, 32)
     for bf16, tol in ((False, 1e-5), (True, 3e-2)):
         outs, grads = [], []
@@ -223,27 +230,58 @@ def test_explicit_cpu_attention_in_training_equals_sdpa():
             grads.append(xi.grad)
         assert torch.allclose(outs[0], outs[1], atol=tol, rtol=tol), bf16
         assert torch.allclose(grads[0], grads[1], atol=tol * 10, rtol=tol), bf16
-    att = Attention(32, 4, dropout=1e-9).train()                            # with dropout on, p rounds to 0
+    att = fastpath.apply(Attention(32, 4, dropout=1e-9), "cpu", training=True).train()  # dropout on: p rounds to 0
     assert torch.allclose(att(x), att.eval()(x), atol=1e-5)
 
 
 def test_fused_linear_gelu_in_cpu_bf16_inference():
-    """Under bf16 autocast without grad, the MLP's fc1 + GELU is one oneDNN call: close to the unfused path."""
-    from mage import model as mm
+    """Under bf16 autocast without grad, the fast path's fc1 + GELU is one oneDNN call: close to the unfused path."""
+    from mage import fastpath
+    from mage.model import Mlp
     from mage.precision import bf16_supported
 
     if not bf16_supported("cpu") or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         pytest.skip("no bf16 CPU hardware here")
     torch.manual_seed(0)
-    mlp, x = mm.Mlp(64, 256).eval(), torch.randn(2, 9, 64)
-    assert mm._linear_gelu_cpu(x, mlp.fc1) is None                          # fp32 / grad: the plain path
+    mlp, x = fastpath.apply(Mlp(64, 256), "cpu", training=False).eval(), torch.randn(2, 9, 64)
+    assert fastpath.linear_gelu_cpu(x, mlp.fc1) is None                     # fp32 / grad: the plain path
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fused = mlp(x)
-        assert mm._linear_gelu_cpu(x, mlp.fc1) is not None
-        mm.FUSE_LINEAR_GELU = False
+        assert fastpath.linear_gelu_cpu(x, mlp.fc1) is not None
+        fastpath.FUSE_LINEAR_GELU = False
         try:
             plain = mlp(x)
         finally:
-            mm.FUSE_LINEAR_GELU = True
+            fastpath.FUSE_LINEAR_GELU = True
     assert fused.dtype == plain.dtype == torch.bfloat16 and fused.shape == plain.shape
     assert ((fused.float() - plain.float()).norm() / plain.float().norm()) < 2e-2
+
+
+def test_fastpath_is_explicit_idempotent_and_keeps_the_weights():
+    """The model is plain until ``fastpath.apply``; applying swaps module classes only (same state_dict keys and
+    tensors, weights load the same), twice is once, a GPU device changes nothing, and training=True on a CPU
+    computes exactly what the plain model does where no trick applies (eval, fp32)."""
+    from mage import fastpath
+    from mage.model import Attention, Mlp
+
+    m = tiny(dropout=0.1)
+    kinds = lambda mod: sorted({type(x).__name__ for x in mod.modules()})  # noqa: E731
+    plain = kinds(m)
+    assert "Dropout" in plain and not {"CPUDropout", "ExplicitAttention", "FusedMlp"} & set(plain)
+    sd = m.state_dict()
+    assert fastpath.apply(m, "cuda", training=True) is m and kinds(m) == plain
+    assert fastpath.apply(m, "cpu", training=False) is m
+    assert {"FusedMlp", "Attention", "Dropout"} <= set(kinds(m)) and "Mlp" not in kinds(m)
+    fastpath.apply(m, torch.device("cpu"), training=True)
+    once = kinds(m)
+    assert {"CPUDropout", "ExplicitAttention", "FusedMlp"} <= set(once) and not {"Dropout", "Attention", "Mlp"} & set(once)
+    assert kinds(fastpath.apply(m, "cpu", training=True)) == once
+    assert all(isinstance(x, Attention) for x in m.modules() if type(x).__name__ == "ExplicitAttention")
+    assert all(isinstance(x, Mlp) for x in m.modules() if type(x).__name__ == "FusedMlp")
+    new = m.state_dict()
+    assert list(new) == list(sd) and all(new[k] is sd[k] or torch.equal(new[k], sd[k]) for k in sd)
+    fresh = tiny(dropout=0.1)
+    fresh.load_state_dict(new, strict=True)
+    tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(m.eval().logits(tokens), fresh.eval().logits(tokens))

@@ -1,5 +1,6 @@
 """Pre-training: token cache, CLI, bit-exact resume, DDP equivalence (2 gloo ranks), official import, errors."""
 
+import dataclasses
 import json
 import math
 import os
@@ -34,9 +35,8 @@ def tiny_setup(tmp_path_factory):
 
 def _cfg(**kw):
     cfg = mage_preset("tiny")
-    cfg.max_steps, cfg.log_every, cfg.ckpt_every = 10, 1, 5
-    for k, v in kw.items():
-        setattr(cfg, k, v)
+    cfg = dataclasses.replace(cfg, max_steps=10, log_every=1, ckpt_every=5)
+    cfg = dataclasses.replace(cfg, **kw)
     return cfg
 
 

@@ -1,5 +1,6 @@
 """Recognition: probe head, few-shot sampling, probe on synthetic shapes, classify round trip."""
 
+import dataclasses
 import json
 
 import pytest
@@ -56,7 +57,7 @@ def test_probe_and_few_shot_learn_separable_features():
 def test_probe_cli_classify_round_trip(tiny_setup, tmp_path):  # noqa: F811
     _, tok, cache = tiny_setup
     cfg = mage_preset("tiny")
-    cfg.max_steps = 20
+    cfg = dataclasses.replace(cfg, max_steps=20)
     pretrain(cfg, str(tmp_path / "m"), cache=cache, progress=False)
     before, _, _ = load_checkpoint(str(tmp_path / "m"))
     r = run_cli("probe", "linear", "--model", str(tmp_path / "m"), "--data", "synthetic", "--limit", "200",
@@ -123,7 +124,7 @@ def test_features_and_token_cache_on_cuda(tiny_setup, tmp_path):  # noqa: F811
 
     _, tok, _ = tiny_setup
     cfg = mage_preset("tiny")
-    cfg.max_steps = 2
+    cfg = dataclasses.replace(cfg, max_steps=2)
     pretrain(cfg, str(tmp_path / "m"), cache=tiny_setup[2], progress=False)
     x = torch.rand(4, 3, 16, 16)
     cpu, gpu = (MAGEPipeline.from_pretrained(str(tmp_path / "m"), device=d) for d in ("cpu", "cuda"))
@@ -150,7 +151,7 @@ def test_features_and_token_cache_on_cuda(tiny_setup, tmp_path):  # noqa: F811
 def _pretrained(tiny_setup, tmp_path):  # noqa: F811
     _, _, cache = tiny_setup
     cfg = mage_preset("tiny")
-    cfg.max_steps = 4
+    cfg = dataclasses.replace(cfg, max_steps=4)
     pretrain(cfg, str(tmp_path / "m"), cache=cache, progress=False)
     return str(tmp_path / "m"), cache
 
@@ -180,7 +181,7 @@ def test_finetune_trains_encoder_resumes_and_classifies(tiny_setup, tmp_path):  
 
     model_dir, cache = _pretrained(tiny_setup, tmp_path)
     cfg = finetune_preset("tiny")
-    cfg.max_steps, cfg.ckpt_every = 6, 3
+    cfg = dataclasses.replace(cfg, max_steps=6, ckpt_every=3)
     r = finetune(cfg, model_dir, str(tmp_path / "ft"), data="synthetic", cache=cache, progress=False)
     assert r["step"] == 6 and 0 <= r["top1"] <= 100
     pre, _, _ = load_checkpoint(model_dir)
@@ -223,10 +224,10 @@ def test_finetune_compile_is_one_graph_and_falls_back(tiny_setup, tmp_path, monk
         return f
 
     cfg = finetune_preset("tiny")
-    cfg.max_steps, cfg.ckpt_every = 3, 3
+    cfg = dataclasses.replace(cfg, max_steps=3, ckpt_every=3)
     finetune(cfg, model_dir, str(tmp_path / "eager"), cache=cache, progress=False)
     monkeypatch.setattr(torch, "compile", broken)
-    cfg.compile = "default"
+    cfg = dataclasses.replace(cfg, compile="default")
     finetune(cfg, model_dir, str(tmp_path / "fb"), cache=cache, progress=False)
     assert "warning: --compile default failed (RuntimeError: no compiler here); training eagerly" in capsys.readouterr().out
     a, b = (load_weights(step_dirs(str(tmp_path / d))[-1][1]) for d in ("eager", "fb"))

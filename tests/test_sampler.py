@@ -1,5 +1,6 @@
 """Iterative decoding: schedule invariants, determinism, editing masks, guidance, CLI."""
 
+import dataclasses
 import math
 
 import pytest
@@ -17,7 +18,7 @@ from test_tokenizer import run_cli
 
 def tiny_model(num_classes=0):
     cfg = mage_preset("tiny")
-    cfg.num_classes = num_classes
+    cfg = dataclasses.replace(cfg, num_classes=num_classes)
     torch.manual_seed(0)
     return MAGE(cfg).eval()
 

@@ -1,5 +1,6 @@
 """VQGAN tokenizer: shapes, invariants, gradients, save/load, training loop, CLI."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -81,7 +82,7 @@ def test_save_load_round_trip(tmp_path):
     # the original file layout round-trips too (it has no config: GroupNorm groups are inferred as
     # 32, or the largest of 16/8/4/2 dividing the width, so build one that follows that rule)
     cfg = tokenizer_preset("tiny")
-    cfg.norm_groups = 8
+    cfg = dataclasses.replace(cfg, norm_groups=8)
     tok = VQTokenizer(cfg).eval()
     torch.save({"state_dict": tok.state_dict()}, tmp_path / "orig.ckpt")
     tok3 = VQTokenizer.from_pretrained(str(tmp_path / "orig.ckpt"))
@@ -90,7 +91,7 @@ def test_save_load_round_trip(tmp_path):
 
 def test_training_improves_and_resumes_exactly(tmp_path):
     cfg = tokenizer_preset("tiny")
-    cfg.max_steps, cfg.ckpt_every, cfg.sample_every, cfg.adversarial_start = 16, 8, 8, 4
+    cfg = dataclasses.replace(cfg, max_steps=16, ckpt_every=8, sample_every=8, adversarial_start=4)
     train = load_dataset("synthetic", "train", cfg.image_size, "flip", limit=64)
     val = load_dataset("synthetic", "val", cfg.image_size, limit=32)
     m = train_tokenizer(cfg, train, str(tmp_path / "a"), val, progress=False)

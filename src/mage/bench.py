@@ -6,6 +6,9 @@ Workloads, for each preset (MAGE preset + its tokenizer: fmnist-32 + fmnist-32, 
   gen-S      generation from scratch: S decoding steps + VQGAN decode (S from --gen-steps; the VQGAN encoder
              is not held: generation never encodes)
   encode     VQGAN encode;  decode  VQGAN decode
+  data       (once, not per preset; only when asked for) the image path: decode + crop-flip of a folder of
+             2,000 256x256 JPEGs through :func:`mage.loader.step_batches` with 0 and 2 workers, ``cache_tokens``
+             on part of it with a small random-init tokenizer, and a TokenCache's resident memory vs its file
 Weights are random (the cost does not depend on them). Each workload runs in a fresh subprocess so its peak
 memory (max RSS on CPU; max allocated on CUDA) is its own.
 
@@ -22,10 +25,14 @@ eager) and prints our speed-up as a ratio from the same run. Timings on a shared
 
 from __future__ import annotations
 
+import dataclasses
 import contextlib
 import multiprocessing as mp
+import os
 import resource
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +51,7 @@ TOKENIZER_FOR = {"tiny": "tiny", "fmnist-32": "fmnist-32", "vit-b": "maskgit-256
 @contextlib.contextmanager
 def count_flops():
     """Counts forward FLOPs of Linear / Conv2d / attention / tied-head layers run inside the block: yields a dict."""
-    from . import model as mm
+    from . import fastpath
     from .model import Attention, MlmHead
 
     total = {"flops": 0.0}
@@ -74,11 +81,11 @@ def count_flops():
                 hooks.append(m.register_forward_hook(attention))
             elif isinstance(m, MlmHead):
                 hooks.append(m.register_forward_hook(head))
-    fused, mm.FUSE_LINEAR_GELU = mm.FUSE_LINEAR_GELU, False                   # every Linear through its module
+    fused, fastpath.FUSE_LINEAR_GELU = fastpath.FUSE_LINEAR_GELU, False       # every Linear through its module
     try:
         yield total
     finally:
-        mm.FUSE_LINEAR_GELU = fused
+        fastpath.FUSE_LINEAR_GELU = fused
         for h in hooks:
             h.remove()
 
@@ -101,20 +108,20 @@ def _explicit_attention(self, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def original_mode(enabled: bool):
-    """The original's way: explicit-softmax attention, nn.Dropout, NCHW convolutions."""
-    from . import model as m
+    """The original's way: explicit-softmax attention, NCHW convolutions (and the plain model: nn.Dropout,
+    no :mod:`mage.fastpath`, which :func:`measure` applies only outside this mode)."""
+    from .model import Attention
     from .vqgan import VQTokenizer
 
     if not enabled:
         yield
         return
-    fast = m.Attention.forward, m.dropout, VQTokenizer.CHANNELS_LAST
-    m.Attention.forward, VQTokenizer.CHANNELS_LAST = _explicit_attention, False
-    m.dropout = lambda x, p, training, inplace=False: F.dropout(x, p, training, inplace)
+    fast = Attention.forward, VQTokenizer.CHANNELS_LAST
+    Attention.forward, VQTokenizer.CHANNELS_LAST = _explicit_attention, False
     try:
         yield
     finally:
-        m.Attention.forward, m.dropout, VQTokenizer.CHANNELS_LAST = fast
+        Attention.forward, VQTokenizer.CHANNELS_LAST = fast
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,6 +149,7 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
     ``weights16``: inference with the weights stored in bf16 (:func:`mage.precision.store_weights_bf16`).
     ``compiled``: training through ``torch.compile`` (as ``mage pretrain --compile``), generation's forward with
     inductor's freezing (prepacked weights, bias + GELU fused into the matmuls); compiling is in the warm-up."""
+    from . import fastpath
     from .distributed import adamw
     from .model import MAGE
     from .sampler import SamplerConfig, decode_tokens
@@ -149,7 +157,7 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mcfg, tcfg = mage_preset(preset), tokenizer_preset(TOKENIZER_FOR[preset])
-    mcfg.codebook_size, mcfg.num_tokens = tcfg.codebook_size, tcfg.num_tokens
+    mcfg = dataclasses.replace(mcfg, codebook_size=tcfg.codebook_size, num_tokens=tcfg.num_tokens)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, tcfg.image_size, tcfg.image_size, generator=g).to(dev)
@@ -179,6 +187,8 @@ def measure(workload: str, preset: str, batch: int, bf16: bool, baseline: bool, 
             if workload.startswith("gen-"):
                 del tok.encoder                                                # generation never encodes
             model = MAGE(mcfg).to(dev)
+            if not baseline:                                                   # the CPU tricks, as pipeline / training use them
+                fastpath.apply(model, dev, training=not workload.startswith("gen-"))
             _live_modules[:] = [tok, model]
             if workload.startswith("gen-"):
                 steps = int(workload[4:])
@@ -257,6 +267,120 @@ def measure_isolated(workload: str, preset: str, batch: int, bf16: bool, baselin
 
 
 # --------------------------------------------------------------------------------------------------
+# the data path
+# --------------------------------------------------------------------------------------------------
+#: the ``data`` workload's tokenizer: random init, widths 4-32, f=16 (256 tokens at 256 px); ~20 images/s on 2
+#: cores (the maskgit-256 tokenizer would take minutes): it times the cache's plumbing, not a real VQGAN
+DATA_TOKENIZER = {"base_channels": 4, "channel_mult": (1, 2, 4, 8, 8), "num_res_blocks": 1, "code_dim": 16, "norm_groups": 4}
+
+
+def bench_folder(num_images: int = 2000, size: int = 256, root: str | None = None) -> str:
+    """A folder of ``num_images`` ``size`` x ``size`` JPEGs (noisy rendered shapes in 4 class subfolders), made
+    once, deterministically, under ``root`` (default: the temp dir) and reused by later runs."""
+    import numpy as np
+    from PIL import Image
+
+    from .data import SYNTHETIC_CLASSES, render_shape
+
+    folder = Path(root or tempfile.gettempdir()) / "mage-bench-data" / f"{num_images}x{size}"
+    done = folder / ".complete"                                                # hidden: not an image of the set
+    if done.is_file():
+        return str(folder)
+    for kind in SYNTHETIC_CLASSES:
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+    for i in range(num_images):
+        rng = np.random.default_rng([i, size, 0xDA7A])
+        kind = SYNTHETIC_CLASSES[i % len(SYNTHETIC_CLASSES)]
+        pixels = render_shape(kind, size, rng).astype(np.float32)             # [S, S, 3]
+        pixels += rng.normal(0.0, 10.0, pixels.shape)                          # noise: JPEG sizes nearer a photo's
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / kind / f"{i:05d}.jpg", quality=90)
+    done.write_text(f"{num_images} images\n")
+    return str(folder)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def token_cache_rss(rows: int = 50_000, views: int = 2, tokens: int = 256) -> dict[str, Any]:
+    """Resident memory a :class:`mage.tokens.TokenCache` adds once every page is read, vs its file size
+    (a cache of random int16 ids written for the purpose)."""
+    from safetensors.torch import save_file
+
+    from .tokens import TokenCache
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = torch.randint(0, 1024, (rows, views, tokens), dtype=torch.int16, generator=torch.Generator().manual_seed(0))
+        labels = torch.zeros(rows, dtype=torch.int64)
+        save_file({"views": ids, "labels": labels}, os.path.join(tmp, "c.safetensors"), metadata={"classes": "null"})
+        save_file({"views": ids[:8], "labels": labels[:8]}, os.path.join(tmp, "w.safetensors"), metadata={"classes": "null"})
+        del ids
+        TokenCache(os.path.join(tmp, "w.safetensors")).views.max()             # first-use costs out of the way
+        size = os.path.getsize(os.path.join(tmp, "c.safetensors"))
+        before = _rss_bytes()
+        tc = TokenCache(os.path.join(tmp, "c.safetensors"))
+        tc.views.max()                                                         # touches every page
+        grown = _rss_bytes() - before
+        del tc
+    return {"workload": "data", "stage": "token-cache-rss", "rows": rows, "file_mb": size / 1e6, "rss_mb": grown / 1e6,
+            "rss_over_file": grown / size}
+
+
+def measure_data(num_images: int = 2000, size: int = 256, batch: int = 64, workers: tuple[int, ...] = (0, 2),
+                 tokenize_images: int = 128, rss_rows: int = 50_000, root: str | None = None,
+                 show: bool = True) -> list[dict[str, Any]]:
+    """The ``data`` workload: rows of images/s of decode + crop-flip (``step_batches``, one epoch, per worker
+    count), of ``cache_tokens`` (the first ``tokenize_images`` images, image + mirror, :data:`DATA_TOKENIZER`),
+    and the TokenCache's resident memory over its file size. Prints a table when ``show``."""
+    from dataclasses import replace
+
+    from .checkpoint import save_checkpoint
+    from .data import load_dataset
+    from .loader import default_workers, step_batches
+    from .tokens import cache_tokens
+    from .vqgan import VQTokenizer
+
+    say = (lambda *a: print(*a, flush=True)) if show else (lambda *a: None)   # noqa: E731
+    t0 = time.perf_counter()
+    folder = bench_folder(num_images, size, root)
+    made = time.perf_counter() - t0
+    ds = load_dataset(f"folder:{folder}", "all", size, "crop-flip")
+    say(f"data: {len(ds)} {size}x{size} JPEGs in {folder} (ready in {made:.1f} s; made once, then reused)")
+    say(f"{'stage':>16} {'workers':>7} {'batch':>5} {'images':>6} {'seconds':>8} {'img/s':>9}")
+    rows = []
+    steps = len(ds) // batch
+    for w in workers:
+        t0 = time.perf_counter()
+        n = sum(len(labels) for _, _, labels in step_batches(ds, batch, 0, 0, steps, workers=w))
+        s = time.perf_counter() - t0                                           # worker start-up included
+        rows.append({"workload": "data", "stage": "decode+crop-flip", "workers": w, "batch": batch, "images": n,
+                     "seconds": s, "images_per_s": n / s})
+        say(f"{'decode+crop-flip':>16} {w:>7} {batch:>5} {n:>6} {s:>8.2f} {n / s:>9.1f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = replace(tokenizer_preset("tiny"), image_size=size, **DATA_TOKENIZER)
+        torch.manual_seed(0)
+        tok = VQTokenizer(cfg)
+        save_checkpoint(os.path.join(tmp, "tok"), tok.state_dict(), cfg)
+        n, tb = min(tokenize_images, len(ds)), 32
+        w = min(default_workers(), -(-n // tb)) if n > tb else 0               # as cache_tokens caps them
+        t0 = time.perf_counter()
+        cache_tokens(os.path.join(tmp, "tok"), f"folder:{folder}", os.path.join(tmp, "c.safetensors"), split="all",
+                     limit=n, batch_size=tb, progress=False, workers=w)
+        s = time.perf_counter() - t0                                           # tokenizer load and file write included
+    what = (f"random-init tokenizer, widths {cfg.base_channels}-{cfg.base_channels * cfg.channel_mult[-1]}, "
+            f"{cfg.num_tokens} tokens at {size} px; 2 views (image + mirror)")
+    rows.append({"workload": "data", "stage": "cache-tokens", "workers": w, "batch": tb, "images": n, "seconds": s,
+                 "images_per_s": n / s, "tokenizer": what})
+    say(f"{'cache-tokens':>16} {w:>7} {tb:>5} {n:>6} {s:>8.2f} {n / s:>9.1f}   ({what})")
+    r = token_cache_rss(rss_rows)
+    rows.append(r)
+    say(f"TokenCache of {rss_rows:,} x 2 x 256 int16 tokens: file {r['file_mb']:.1f} MB, resident {r['rss_mb']:.1f} MB "
+        f"({r['rss_over_file']:.2f}x the file)")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 # the machine's peak
 # --------------------------------------------------------------------------------------------------
 def matmul_peak(dtype: torch.dtype, n: int | None = None, repeats: int = 3) -> dict[str, Any]:
@@ -279,9 +403,11 @@ PRECISIONS = ("fp32", "bf16", "w16")
 
 
 def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_steps: list[int], baseline: bool = False,
-              workloads: list[str] | None = None, repeats: int = 2, compile: bool = False) -> dict[str, Any]:
+              workloads: list[str] | None = None, repeats: int = 2, compile: bool = False,
+              data_images: int = 2000) -> dict[str, Any]:
     """Everything in one run; prints a table as it goes and returns it as a dict (for --json).
-    ``compile``: the training and generation workloads also run through ``torch.compile`` (mode "compiled")."""
+    ``compile``: the training and generation workloads also run through ``torch.compile`` (mode "compiled").
+    ``data_images``: size of the JPEG folder of the ``data`` workload."""
     from .precision import bf16_supported
 
     if batch_size < 1 or repeats < 1 or not gen_steps or min(gen_steps) < 1:
@@ -295,13 +421,16 @@ def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_st
         raise MageError(f"unknown precision {bad[0]} ({' | '.join(PRECISIONS)})")
     names = workloads or ["train", "train+tok"] + [f"gen-{s}" for s in gen_steps] + ["encode", "decode"]
     device = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    peaks = {"fp32": matmul_peak(torch.float32)}
-    if "bf16" in precisions or ("w16" in precisions and bf16_supported(dev)):
+    data = "data" in names                                                     # the image path: its own table, once
+    names = [w for w in names if w != "data"]
+    peaks = {"fp32": matmul_peak(torch.float32)} if names else {}
+    if names and ("bf16" in precisions or ("w16" in precisions and bf16_supported(dev))):
         peaks["bf16"] = matmul_peak(torch.bfloat16)
-    print(f"device: {device} | matmul peak: " + ", ".join(f"{k} {v['gflops']:.1f} GFLOP/s (n={v['n']})" for k, v in peaks.items()),
-          flush=True)
-    print(f"{'preset':>9} {'workload':>9} {'prec':>5} {'mode':>8} {'batch':>5} {'img/s':>9} {'GFLOP/img':>10} "
-          f"{'GFLOP/s':>9} {'MFU':>6} {'peak GB':>8} {'speed-up':>8}", flush=True)
+    print(f"device: {device}" + (" | matmul peak: " + ", ".join(f"{k} {v['gflops']:.1f} GFLOP/s (n={v['n']})" for k, v in peaks.items())
+                                 if peaks else ""), flush=True)
+    if names:
+        print(f"{'preset':>9} {'workload':>9} {'prec':>5} {'mode':>8} {'batch':>5} {'img/s':>9} {'GFLOP/img':>10} "
+              f"{'GFLOP/s':>9} {'MFU':>6} {'peak GB':>8} {'speed-up':>8}", flush=True)
     rows = []
     for p in presets:
         for prec in precisions:
@@ -337,6 +466,8 @@ def run_bench(presets: list[str], batch_size: int, precisions: list[str], gen_st
                     print(f"{p:>9} {w:>9} {prec:>5} {mode:>8} {batch_size:>5} {row['images_per_s']:>9.3f} "
                           f"{row['flops_per_image'] / 1e9:>10.2f} {row['gflops_per_s']:>9.1f} {100 * row['mfu']:>5.1f}% "
                           f"{row['peak_memory_gb']:>8.2f} {su:>8}", flush=True)
+    if data:
+        rows += measure_data(num_images=data_images)
     return {"device": device, "torch": torch.__version__, "matmul_peak": peaks, "rows": rows}
 
 

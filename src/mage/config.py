@@ -66,7 +66,7 @@ def _wrap(field: str, check: Callable[[str], None], value: str) -> None:
         raise MageError(f"bad config: {field}: {e}") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenizerConfig:
     """VQGAN architecture (MAGE.md 2.2) and its training recipe."""
 
@@ -164,7 +164,7 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
 # --------------------------------------------------------------------------------------------------
 # MAGE (encoder-decoder over tokens) and its pre-training recipe
 # --------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class MAGEConfig:
     """MAGE ViT encoder-decoder (MAGE.md 3) and its pre-training recipe (MAGE.md 6)."""
 
@@ -264,7 +264,7 @@ MAGE_PRESETS["fmnist-32-gpu"] = dataclasses.replace(MAGE_PRESETS["fmnist-32"], d
 # --------------------------------------------------------------------------------------------------
 # fine-tuning recipe (MAGE.md 5.2); the architecture comes from the pre-trained MAGE's config
 # --------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig:
     """End-to-end fine-tuning of the MAGE encoder with a classification head (the original's main_finetune)."""
 

@@ -11,9 +11,10 @@ float tensor ``[3, S, S]`` in ``[0, 1]`` (no mean/std normalisation; grey images
 Splits are fixed and deterministic (``train``/``val``/``test``, plus ``all``). Augmentation
 (``augment != "none"``) is only applied to the ``train`` and ``all`` splits; ``val``/``test``
 always use the deterministic path. Random augmentation of item ``i`` uses its own
-:class:`torch.Generator` seeded from ``(seed, epoch, i)``, so results do not depend on
-DataLoader workers or iteration order. (With ``persistent_workers=True`` a DataLoader keeps
-its own dataset copies, so call ``set_epoch`` before the workers start or use non-persistent ones.)
+:class:`torch.Generator` seeded from ``(seed, key, i)``, so results do not depend on
+DataLoader workers or iteration order. ``ds.item(i, key)`` names the key (the training step, see
+:mod:`mage.loader`) and leaves the dataset untouched, so it is safe in worker processes;
+``ds[i]`` uses ``key = ds.epoch``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import functools
 import gzip
 import hashlib
 import importlib.util
+import json
 import os
 import pickle
 import random
 import struct
+import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -82,14 +86,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # Folder split fractions (val, test); the rest is train.
 _FOLDER_HOLDOUT = 0.05
-_MAX_NAMED_WARNINGS = 20
 
 _M64 = (1 << 64) - 1  # numpy seeds take 64-bit words
 
 
-def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The :class:`torch.Generator` used to augment item ``index`` in ``epoch`` for ``seed``."""
-    return torch.Generator().manual_seed(mix(seed, epoch, index))
+def item_generator(seed: int, key: int, index: int) -> torch.Generator:
+    """The :class:`torch.Generator` used to augment item ``index`` under ``key`` (an epoch or a step) for ``seed``."""
+    return torch.Generator().manual_seed(mix(seed, key, index))
 
 
 # ----------------------------------------------------------------------------------------
@@ -156,14 +159,19 @@ class ImageDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {self.name} ({self.split}) of {n} items")
         return index
 
-    def _apply(self, image: torch.Tensor, index: int) -> torch.Tensor:
-        generator = item_generator(self.seed, self.epoch, index) if self.transform.random else None
+    def _apply(self, image: torch.Tensor, key: int, index: int) -> torch.Tensor:
+        generator = item_generator(self.seed, key, index) if self.transform.random else None
         return self.transform(image, generator).contiguous()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def item(self, index: int, key: int) -> tuple[torch.Tensor, int]:
+        """Item ``index`` augmented under ``key`` (e.g. the training step); reads no mutable state
+        (not even :attr:`epoch`), so any process computes the same item from ``(index, key)``."""
         index = self._check_index(index)
         image, label = self._raw(index)
-        return self._apply(image, index), int(label)
+        return self._apply(image, key, index), int(label)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.item(index, self.epoch)
 
     def __repr__(self) -> str:
         return (
@@ -354,13 +362,16 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _scan_images(folder: Path) -> list[str]:
-    """Relative POSIX paths of all image files under ``folder`` (recursive, sorted).
+def _walk_images(folder: Path) -> tuple[list[str], dict[str, int]]:
+    """(relative POSIX paths of all image files under ``folder``, sorted; ``{relative dir: mtime_ns}`` of
+    every folder walked).
 
     Hidden files and folders (names starting with ``.``, e.g. macOS ``._x.jpg`` resource forks)
-    are ignored; symlinked folders are followed once.
+    are ignored; symlinked folders are followed once. Names that are not valid UTF-8 come back
+    with surrogate escapes (as ``os.walk`` gives them), so they still open.
     """
     found: list[str] = []
+    dirs_seen: dict[str, int] = {}
     seen: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -370,15 +381,74 @@ def _scan_images(folder: Path) -> list[str]:
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel_root = Path(root).relative_to(folder)
+        try:
+            dirs_seen[rel_root.as_posix()] = os.stat(root).st_mtime_ns
+        except OSError:                      # vanished mid-walk: the index will not validate, which is right
+            dirs_seen[rel_root.as_posix()] = -1
         for name in sorted(files):
             if _is_image_name(name):
                 found.append((rel_root / name).as_posix())
-    return sorted(found)
+    return sorted(found), dirs_seen
+
+
+def _scan_images(folder: Path) -> list[str]:
+    """Relative POSIX paths of all image files under ``folder`` (recursive, sorted); no index cache."""
+    return _walk_images(folder)[0]
+
+
+# The folder index: a folder's image list, cached as JSON so a dataset of a million files is not walked (or
+# opened) again at every start. One file per folder (named by the sha256 of its absolute path); it holds the
+# mtime of every folder walked, and is reused only while all of them still match (adding, removing or
+# renaming a file changes its folder's mtime). Classes and splits are recomputed from the paths: cheap.
+_INDEX_VERSION = 1
+_RACY_NS = 2_000_000_000  # folders changed this close to the walk may change again unseen: not cached
+
+
+def _index_dir() -> Path:
+    base = os.environ.get("MAGE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mage")
+    return Path(base) / "folder-index"
+
+
+def _index_valid(folder: Path, index: dict) -> bool:
+    if index.get("version") != _INDEX_VERSION or index.get("folder") != os.fsdecode(os.path.abspath(folder)):
+        return False
+    for rel, mtime in index["dirs"].items():
+        try:
+            if os.stat(folder / rel).st_mtime_ns != mtime:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _indexed_images(folder: Path) -> list[str]:
+    """:func:`_scan_images` through the folder index cache (read when valid, rewritten otherwise)."""
+    absolute = os.path.abspath(folder)
+    path = _index_dir() / f"{hashlib.sha256(os.fsencode(absolute)).hexdigest()}.json"
+    try:
+        index = json.loads(path.read_text())
+        if _index_valid(folder, index):
+            return list(index["files"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # missing, unreadable or from another version: walk again
+    started = time.time_ns()
+    files, dirs = _walk_images(folder)
+    if dirs and max(dirs.values()) < started - _RACY_NS:
+        index = {"version": _INDEX_VERSION, "folder": os.fsdecode(absolute), "dirs": dirs, "files": files}
+        try:  # temp file + os.replace: a reader sees the old index or the new one, never half of one
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(index, f)  # ensure_ascii: surrogate-escaped names round-trip
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs the next start a walk
+    return files
 
 
 def _path_hash(rel: str) -> int:
-    """Stable (process-independent) 64-bit hash of a relative path."""
-    return int.from_bytes(hashlib.sha1(rel.encode("utf-8")).digest()[:8], "big")
+    """Stable (process-independent) 64-bit hash of a relative path (its file-system bytes: any name works)."""
+    return int.from_bytes(hashlib.sha1(os.fsencode(rel)).digest()[:8], "big")
 
 
 def _folder_split(files: list[str], split: str) -> tuple[list[str], bool]:
@@ -399,24 +469,12 @@ def _folder_split(files: list[str], split: str) -> tuple[list[str], bool]:
     return sorted(chosen), False
 
 
-def _verify_image(path: Path) -> str | None:
-    """Cheap check with PIL (header + ``verify()``); returns the reason it is bad, or None."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as exc:  # PIL raises many types for broken files
-        return " ".join(str(exc).split()) or type(exc).__name__
-    return None
-
-
 class FolderDataset(ImageDataset):
     """Images under a folder (``folder:PATH``), labeled by first-level subfolder when there are any.
 
-    Files are checked with PIL at construction; unreadable ones are skipped with a warning and
-    listed in :attr:`skipped`. A file that fails later, in ``__getitem__``, is warned about and
-    replaced by the next readable item.
+    Files are only opened when an item is read. A file that fails to decode is warned about (once,
+    naming it), listed in :attr:`skipped` (in the process that read it: a DataLoader worker keeps its
+    own list) and replaced by the next readable item, with that item's own label.
     """
 
     def __init__(
@@ -437,7 +495,7 @@ class FolderDataset(ImageDataset):
         self.files = files  # relative POSIX paths, sorted
         self._labels = np.asarray(labels, dtype=np.int64)  # [N]
         self.skipped = list(skipped)
-        self._bad: set[int] = set()
+        self._bad: set[int] = set()  # known unreadable: skipped without another try (and warned about once)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -448,7 +506,7 @@ class FolderDataset(ImageDataset):
     def _raw(self, index: int) -> tuple[torch.Tensor, int]:
         return load_image(self.root / self.files[index]), int(self._labels[index])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def item(self, index: int, key: int) -> tuple[torch.Tensor, int]:
         index = self._check_index(index)
         n = len(self)
         for k in range(n):
@@ -460,11 +518,12 @@ class FolderDataset(ImageDataset):
             except MageError as exc:
                 self._bad.add(j)
                 self.skipped.append(str(self.root / self.files[j]))
-                warnings.warn(f"{exc}; using another image instead", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"{exc}; using the next readable image instead", RuntimeWarning, stacklevel=2)
                 continue
-            # Augment with the requested index's generator: reproducible whichever item is used.
-            return self._apply(image, index), label
-        raise MageError(f"no readable image left in {self.root} ({self.split} split)")
+            # Augment with the requested index's generator (reproducible whichever item stands in); the
+            # label is the stand-in's own, so images and labels never drift apart.
+            return self._apply(image, key, index), label
+        raise MageError(f"no readable image left in {self.root} ({self.split} split, {n} files)")
 
 
 def _split_folders(root: Path) -> dict[str, str] | None:
@@ -488,12 +547,12 @@ def _folder_dataset(path_text: str, split: str, image_size: int, transform: Tran
     if layout is not None:  # PATH/train + PATH/val: the folders are the splits, classes come from train
         parts = sorted(set(layout.values())) if split == "all" else [layout[split]]
         base = root / "train"
-        scanned = {d: _scan_images(root / d) for d in {*parts, "train"}}              # each folder walked once
+        scanned = {d: _indexed_images(root / d) for d in {*parts, "train"}}           # each folder walked once
         all_files = [f"{d}/{rel}" for d in parts for rel in scanned[d]]
         train_files = scanned["train"]
     else:  # one folder: split by a stable hash of each path
         base = root
-        all_files = train_files = _scan_images(root)
+        all_files = train_files = _indexed_images(root)
     if not all_files:
         where = f"{root}/{'|'.join(parts)}" if layout is not None else root
         raise MageError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {where}")
@@ -529,30 +588,10 @@ def _folder_dataset(path_text: str, split: str, image_size: int, transform: Tran
             UserWarning,
             stacklevel=3,
         )
-
-    # Cheap validity check of the split's files (stop early once `limit` good ones are found).
-    good: list[str] = []
-    skipped: list[str] = []
-    for rel in files:
-        if limit is not None and len(good) >= limit:
-            break
-        reason = _verify_image(root / rel)
-        if reason is None:
-            good.append(rel)
-            continue
-        skipped.append(str(root / rel))
-        if len(skipped) <= _MAX_NAMED_WARNINGS:
-            warnings.warn(f"skipping unreadable image {root / rel}: {reason}", UserWarning, stacklevel=3)
-    if len(skipped) > _MAX_NAMED_WARNINGS:
-        warnings.warn(
-            f"{root}: skipped {len(skipped)} unreadable images in total (see dataset.skipped)", UserWarning, stacklevel=3
-        )
-    if not good:
-        raise MageError(f"no readable images in the {split} split of {root} ({len(skipped)} unreadable)")
-    labels = [class_index[class_of(rel)] for rel in good] if classes else [-1] * len(good)
-    return FolderDataset(
-        root, good, labels, f"folder:{path_text}", split, image_size, classes or None, transform, seed, skipped
-    )
+    if limit is not None:
+        files = files[:limit]  # the first `limit` of the split (sorted paths); unreadable ones are found lazily
+    labels = [class_index[class_of(rel)] for rel in files] if classes else [-1] * len(files)
+    return FolderDataset(root, files, labels, f"folder:{path_text}", split, image_size, classes or None, transform, seed)
 
 
 # ----------------------------------------------------------------------------------------

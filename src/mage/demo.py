@@ -100,11 +100,8 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
     plan = {**_budget_plan(budget_minutes), **(plan_overrides or {})}
     tok_dir, mage_dir, judge_dir = (os.path.join(out, d) for d in ("tokenizer", "mage", "judge"))
     cache = os.path.join(out, "tokens-train.safetensors")
-    tcfg = tokenizer_preset("fmnist-32")
-    tcfg.max_minutes = plan["tokenizer_minutes"]
-    mcfg = mage_preset("fmnist-32")
-    mcfg.max_minutes = plan["mage_minutes"]
-    mcfg.num_classes = -1
+    tcfg = dataclasses.replace(tokenizer_preset("fmnist-32"), max_minutes=plan["tokenizer_minutes"])
+    mcfg = dataclasses.replace(mage_preset("fmnist-32"), max_minutes=plan["mage_minutes"])
     # class-conditional samples: guidance for agreement and the per-class grid; FID without (half the cost)
     gen_sampler = SamplerConfig(steps=plan["fid_steps"], choice_temperature=3.0, cfg=2.0)
     fid_sampler = SamplerConfig(steps=plan["fid_steps"], choice_temperature=3.0)
@@ -130,7 +127,7 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
         return {"images": plan["cache_images"]}
 
     def mage_stage():
-        r = pretrain(mcfg, mage_dir, cache=cache, resume=bool(step_dirs(mage_dir)))
+        r = pretrain(mcfg, mage_dir, cache=cache, resume=bool(step_dirs(mage_dir)), class_conditional=True)
         return {"loss": r["loss"], "acc": r["acc"], "steps": r["step"]}
 
     def judge_stage():
@@ -141,7 +138,7 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
         pipe = MAGEPipeline.from_pretrained(mage_dir)
         tc = TokenCache(cache)
         n = min(len(tc), plan["probe_train_images"])
-        tr_f, tr_y = _features_from_tokens(pipe.model, tc.views[:n, 0]), tc.labels[:n]
+        tr_f, tr_y = _features_from_tokens(pipe.model, tc.rows(torch.arange(n), 0)), tc.labels[:n]
         test = load_dataset(data, "test", 32, "none", data_dir)
         xt = torch.stack([test[i][0] for i in range(len(test))])
         with torch.no_grad():

@@ -37,10 +37,27 @@ from .checkpoint import (CONFIG, clean_partial, load_config, load_strict, load_t
 from .compiling import CompiledStep
 from .distributed import DistInfo, all_reduce_mean, barrier, max_over_ranks
 from .errors import MageError
-from .files import atomic_write
+from .files import atomic_write, atomic_write_json
 
 # config fields a resumed run may change; any other difference from the run's saved config is refused
 RESUMABLE_CHANGES = ("max_minutes", "max_steps", "log_every", "ckpt_every", "sample_every")
+RUN_ARGS = "run.json"
+
+
+def saved_run(out: str) -> tuple[Any, dict[str, Any]] | None:
+    """(config, run.json arguments) of the run in ``out`` (its newest checkpoint), or None when it holds none."""
+    steps = step_dirs(out)
+    if not steps:
+        return None
+    path = os.path.join(out, RUN_ARGS)
+    args = {}
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                args = json.load(f)
+        except (OSError, ValueError) as e:
+            raise MageError(f"cannot read {path}: {e}") from None
+    return load_config(os.path.join(steps[-1][1], CONFIG)), args
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,6 +145,7 @@ class Task:
     global_batch: int = 0            # images per optimizer step over all ranks (for images/s)
     curve: tuple[str, ...] = ()      # log keys plotted in OUT/curve.png
     progress: float = 0.0            # share of the run done when the current step started (set by ``fit``)
+    run_args: dict[str, Any] = {}    # where the data came from: OUT/run.json, so ``--resume`` needs only --out
 
     def batches(self, start: int, end: int) -> Iterator[tuple[int, Any]]:
         """(step, this rank's batch) for steps start .. end - 1."""
@@ -176,28 +194,35 @@ class Task:
 # the run folder
 # --------------------------------------------------------------------------------------------------
 class RunLock:
-    """``OUT/.lock``, held while a run writes to OUT: a second writer fails at once. The lock is the kernel's
-    (``flock``), so a killed run never leaves a stale one behind."""
+    """``OUT/.lock``, held while a run writes to OUT: a second writer fails at once. The lock is the kernel's, so a
+    killed run never leaves a stale one behind; a POSIX record lock (``lockf``) belongs to the process alone, so
+    DataLoader workers forked from a killed run do not keep holding it while they wind down."""
+
+    _held: set[str] = set()          # a process's own record locks do not exclude each other: track them here
 
     def __init__(self, out: str):
         import fcntl
 
         os.makedirs(out, exist_ok=True)
-        self.path = os.path.join(out, ".lock")
+        self.path = os.path.realpath(os.path.join(out, ".lock"))
+        if self.path in RunLock._held:
+            raise MageError(f"{out} is in use by pid {os.getpid()} (another run is writing to it)")
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(self.fd)
             raise MageError(f"{out} is in use by pid {pid} (another run is writing to it)") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        RunLock._held.add(self.path)
 
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            RunLock._held.discard(self.path)
 
 
 def read_log(path: str) -> list[dict[str, Any]]:
@@ -318,6 +343,8 @@ def _fit(task: Task, s: LoopSettings, info: DistInfo, dev: torch.device, out: st
             elapsed0, skipped = float(st.get("elapsed_s", 0.0)), int(st.get("skipped", 0))
         if main:
             _cut_log(os.path.join(out, "log.jsonl"), start)
+            if found is None or not os.path.isfile(os.path.join(out, RUN_ARGS)):
+                atomic_write_json(os.path.join(out, RUN_ARGS), task.run_args)
             task.on_start(out)
     runner = CompiledStep(task.net, s.compile, info.is_main)
     log = open(os.path.join(out, "log.jsonl"), "a") if main else None

@@ -15,7 +15,6 @@ cannot replay). The same checkpoint/resume and torchrun support as pre-training.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from typing import Any
@@ -197,6 +196,8 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
     model.load_pretrained(weights, where)
     fastpath.apply(model, dev, training=True)     # CPU dropout and attention (graphs being compiled keep their own)
     task = FinetuneTask(cfg, info, source, model, tok_path)
+    task.run_args = {"model": os.path.abspath(model_dir), "data": data, "data_dir": data_dir, "limit": limit,
+                     "cache": os.path.abspath(cache) if cache else None}
     result = fit(task, loop, info, out, resume=resume, progress=progress, stop_at=stop_at)
     if info.is_main:
         xt, yt = _test_tokens(tok, data, data_dir, None, dev)

@@ -11,6 +11,8 @@ Training step (``MAGE.forward``), per batch:
   5. label-smoothed (0.1) cross-entropy over the codebook logits, masked positions only.
 The output head scores against the *detached* input word embeddings (``MlmHead``).
 Masks are booleans with True = masked / dropped; every random draw takes a ``torch.Generator``.
+This is the plain model; :func:`mage.fastpath.apply` switches a built one to the CPU speed tricks (dropout
+masks from 16-bit uniforms, written-out attention in training, fc1 + GELU fused in bf16 inference).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,55 +47,8 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
-def dropout_drop_mask(shape: tuple[int, ...], p: float) -> torch.Tensor:
-    """Bernoulli(p) drop mask [shape] (bool, True = zeroed) from 16-bit uniforms, four per 64-bit random word.
-
-    ``bernoulli_`` draws one Mersenne-Twister number per element: 81 dropout calls took 1.4 s (22%) of a vit-b
-    training step at batch 8 on a 2-core CPU. Here NumPy's PCG64DXSM, seeded by one draw of torch's generator
-    (so ``torch.manual_seed`` still fixes every mask), fills 64 bits per word at ~1.5 ns (torch's int64
-    ``random_`` ~4 ns), read as four uniform int16. p is rounded to a multiple of 1/65536 (0.1 -> 0.1000061);
-    :func:`dropout` scales by the rounded keep rate, so E[output] = input exactly."""
-    n = math.prod(shape)
-    seed = int(torch.randint(2 ** 62, ()))
-    words = np.random.PCG64DXSM(seed).random_raw(-(-n // 4)).view(np.int16)        # every bit uniform
-    threshold = round(p * 65536) - 32768                                           # int16 is uniform on [-32768, 32767]
-    return (torch.from_numpy(words[:n]) < threshold).view(shape)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool, inplace: bool = False) -> torch.Tensor:
-    """``F.dropout`` with :func:`dropout_drop_mask` on CPUs (eager only: compiled graphs and GPUs draw their own).
-    ``inplace`` only where autograd does not need ``x`` (the output of a Linear, GELU or LayerNorm; not a softmax's)."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return F.dropout(x, p, True, inplace)
-    drop = dropout_drop_mask(tuple(x.shape), p)
-    y = x.masked_fill_(drop, 0) if inplace else torch.where(drop, 0.0, x)        # no bool -> dtype copy
-    return y.mul_(1.0 / (1.0 - round(p * 65536) / 65536))
-
-
-class Dropout(nn.Module):
-    """``nn.Dropout`` through :func:`dropout` (no state: the original's weights load unchanged)."""
-
-    def __init__(self, p: float = 0.0, inplace: bool = False):
-        super().__init__()
-        self.p, self.inplace = p, inplace
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training, self.inplace)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, inplace={self.inplace}"
-
-
 class Attention(nn.Module):
-    """Multi-head self-attention via ``scaled_dot_product_attention`` (fp32 softmax in fp32 mode).
-
-    Training on a CPU spells the attention out (q k^T -> softmax -> :func:`dropout` -> @ v, the original's math;
-    under bf16 autocast the softmax of bf16 logits computes in fp32 and rounds its output to bf16 once, as a
-    flash kernel does before P @ V). PyTorch's CPU SDPA has no fused kernel with dropout (it falls back to the
-    same math, with ``bernoulli_``), and its flash kernel's backward is slow in bf16 (fmnist-32, batch 64, AMX:
-    ~95 ms of a ~205 ms step), so the written-out attention trains that preset 1.9x faster in bf16."""
+    """Multi-head self-attention via ``scaled_dot_product_attention`` (fp32 softmax in fp32 mode)."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -102,36 +56,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)   # q, k, v stacked, heads contiguous
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = dropout
-        self.proj_drop = Dropout(dropout, inplace=True)          # a Linear's output
+        self.proj_drop = nn.Dropout(dropout, inplace=True)       # a Linear's output
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd)) v, dropout on the probabilities: [B, heads, N, hd] each -> [B, heads, N, hd]."""
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                                   # [B, heads, N, hd]
-        if self.training and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            attn = (q * (C // self.num_heads) ** -0.5) @ k.transpose(-2, -1)           # [B, heads, N, N]
-            x = dropout(attn.softmax(dim=-1), self.attn_drop, True) @ v
-        else:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
-
-
-#: off = always the plain Linear + GELU (``mage bench`` counts FLOPs through the Linear modules' hooks)
-FUSE_LINEAR_GELU = True
-
-
-def _linear_gelu_cpu(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor | None:
-    """GELU(fc(x)) as one oneDNN bf16 matmul with bias and GELU fused (the op inductor uses), for CPU inference
-    under bf16 autocast; None where that does not apply (training, fp32, GPU, a torch without the op, a graph
-    being compiled: inductor fuses on its own). Eager PyTorch otherwise writes fc1's output, copies the bias into
-    it first and runs GELU as a third pass."""
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if (op is None or not FUSE_LINEAR_GELU or torch.is_grad_enabled() or x.device.type != "cpu"
-            or torch.compiler.is_compiling()
-            or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16):
-        return None
-    b16 = torch.bfloat16
-    return op(x.to(b16), fc.weight.to(b16), fc.bias.to(b16), "gelu", [], "none")
+        return self.proj_drop(self.proj(self.attend(q, k, v).transpose(1, 2).reshape(B, N, C)))
 
 
 class Mlp(nn.Module):
@@ -139,13 +74,10 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop = Dropout(dropout, inplace=True)               # after GELU and after fc2
+        self.drop = nn.Dropout(dropout, inplace=True)            # after GELU and after fc2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = _linear_gelu_cpu(x, self.fc1)
-        if h is None:
-            h = F.gelu(self.fc1(x))
-        return self.drop(self.fc2(self.drop(h)))
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
 class Block(nn.Module):
@@ -172,7 +104,7 @@ class TokenEmbedding(nn.Module):
         self.word_embeddings = nn.Embedding(vocab_size, dim)
         self.position_embeddings = nn.Embedding(seq_len, dim)
         self.LayerNorm = nn.LayerNorm(dim, eps=1e-6)
-        self.dropout = Dropout(dropout, inplace=True)          # a LayerNorm's output
+        self.dropout = nn.Dropout(dropout, inplace=True)       # a LayerNorm's output
         self.register_buffer("position_ids", torch.arange(seq_len).unsqueeze(0), persistent=True)
         nn.init.normal_(self.word_embeddings.weight, std=0.02)
         nn.init.normal_(self.position_embeddings.weight, std=0.02)

@@ -10,6 +10,7 @@ Our module names equal the original's for every tensor that is used, so converti
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -48,17 +49,14 @@ def convert_official_mage(obj: dict[str, Any], where: str, num_heads: int | None
         raise MageError(f"{where} has no decoder (a fine-tuned classifier?): import it as a classifier instead")
     Dd = sd["decoder_embed.weight"].shape[0]
     heads = KNOWN_HEADS.get(D, (max(1, D // 64), max(1, Dd // 64)))
-    cfg = mage_preset("vit-b")
-    cfg.embed_dim, cfg.decoder_embed_dim = D, Dd
-    cfg.depth, cfg.decoder_depth = _count(sd, "blocks"), _count(sd, "decoder_blocks")
-    cfg.num_heads, cfg.decoder_num_heads = num_heads or heads[0], decoder_num_heads or heads[1]
-    cfg.mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / D
-    cfg.num_tokens = sd["token_emb.position_embeddings.weight"].shape[0] - 1
-    cfg.codebook_size = vocab - 1001
-    cfg.legacy_vocab = True
-    cfg.grad_checkpointing = D >= 1024
-    if D % cfg.num_heads or Dd % cfg.decoder_num_heads:
-        raise MageError(f"{where}: width {D}/{Dd} is not divisible by {cfg.num_heads}/{cfg.decoder_num_heads} heads")
+    nh, dnh = num_heads or heads[0], decoder_num_heads or heads[1]
+    if D % nh or Dd % dnh:
+        raise MageError(f"{where}: width {D}/{Dd} is not divisible by {nh}/{dnh} heads")
+    cfg = dataclasses.replace(
+        mage_preset("vit-b"), embed_dim=D, decoder_embed_dim=Dd, depth=_count(sd, "blocks"),
+        decoder_depth=_count(sd, "decoder_blocks"), num_heads=nh, decoder_num_heads=dnh,
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D, num_tokens=sd["token_emb.position_embeddings.weight"].shape[0] - 1,
+        codebook_size=vocab - 1001, legacy_vocab=True, grad_checkpointing=D >= 1024)
     report: dict[str, Any] = {"unused_legacy_keys": [], "vqgan": {}, "extra": {}}
     weights: dict[str, torch.Tensor] = {}
     for k, v in sd.items():

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from . import fastpath
 from .errors import MageError
 from .model import MAGE
 from .precision import autocast, bf16_supported
@@ -21,10 +22,12 @@ from .vqgan import VQTokenizer
 class MAGEPipeline:
     def __init__(self, model: MAGE, tokenizer: VQTokenizer, classes: list[str] | None = None, bf16: bool = False):
         """``bf16``: run the transformer and the VQGAN under bf16 autocast where the device has bf16 matrix
-        hardware (fp32 elsewhere), with the VQGAN channels-last (:meth:`VQTokenizer.channels_last`)."""
+        hardware (fp32 elsewhere), with the VQGAN channels-last (:meth:`VQTokenizer.channels_last`).
+        The model is switched to the inference fast path (:func:`mage.fastpath.apply`, in place)."""
         if tokenizer.config.codebook_size != model.config.codebook_size or tokenizer.config.num_tokens != model.config.num_tokens:
             raise MageError("tokenizer and model do not fit (codebook size or token count differ)")
         self.model, self.tokenizer, self.classes = model.eval(), tokenizer.eval(), classes
+        fastpath.apply(model, self.device, training=False)
         self.bf16 = bf16 and bf16_supported(self.device.type)
         if self.bf16:
             tokenizer.channels_last()

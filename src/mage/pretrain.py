@@ -228,6 +228,12 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
         if bad or unexpected:
             raise MageError(f"--init {where} does not fit this model (missing {bad[:3]}, unexpected {unexpected[:3]})")
     task = PretrainTask(cfg, info, source, model, tokenizer, classes)
+    task.run_args = {"data": data, "data_dir": data_dir, "limit": limit, "init": _abs(init),
+                     "cache": _abs(cache), "tokenizer": _abs(tokenizer)}
     res = fit(task, loop, info, out, resume=resume, progress=progress, stop_at=stop_at)
     return {"loss": float("nan"), "acc": float("nan"), **res}
 
+
+
+def _abs(path: str | None) -> str | None:
+    return os.path.abspath(path) if path and os.path.exists(path) else path

@@ -233,11 +233,12 @@ def settings(cfg: TokenizerConfig, accum: int = 1) -> LoopSettings:
 
 def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val_set: ImageDataset | None = None,
                     resume: bool = False, progress: bool = True, stop_at: int | None = None, accum: int = 1,
-                    workers: int = 0) -> dict[str, Any]:
+                    workers: int = 0, run_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or resume) a tokenizer into ``out``; returns final validation metrics. Works under torchrun.
     ``stop_at`` ends the run early at that step (with a checkpoint), as an interruption would."""
     info = init_distributed()
     task = TokenizerTask(cfg, info, train_set, workers)
+    task.run_args = run_args or {"data": train_set.name}
     res = fit(task, settings(cfg, accum), info, out, resume=resume, progress=progress, stop_at=stop_at)
     metrics: dict[str, Any] = {"step": res["step"], "train_minutes": res["minutes"], "skipped": res["skipped"]}
     if val_set is not None and info.is_main:

@@ -12,6 +12,7 @@ Images are float [0,1]; the decoder output is *not* squashed (clamp when saving)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -290,8 +291,6 @@ def config_from_state_dict(sd: dict[str, torch.Tensor]) -> TokenizerConfig:
     nblocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
     n, dim = sd["quantize.embedding.weight"].shape
     groups = 32 if ch % 32 == 0 else max(g for g in (16, 8, 4, 2, 1) if ch % g == 0)
-    cfg = tokenizer_preset("maskgit-256")
-    cfg.base_channels, cfg.channel_mult, cfg.num_res_blocks = ch, mult, nblocks
-    cfg.codebook_size, cfg.code_dim, cfg.norm_groups = n, dim, groups
-    cfg.in_channels = sd["encoder.conv_in.weight"].shape[1]
-    return cfg
+    return dataclasses.replace(tokenizer_preset("maskgit-256"), base_channels=ch, channel_mult=mult,
+                               num_res_blocks=nblocks, codebook_size=n, code_dim=dim, norm_groups=groups,
+                               in_channels=sd["encoder.conv_in.weight"].shape[1])

@@ -1,0 +1,174 @@
+"""What several commands share: number types for argparse, the --data / --preset / sampler flag groups, image lists."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable, NamedTuple
+
+from ..errors import MageError
+
+
+class Command(NamedTuple):
+    """One ``mage`` subcommand: its name and one-line help, its flags and what it runs (returns the exit code)."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+# --------------------------------------------------------------------------------------------------
+# argparse types
+# --------------------------------------------------------------------------------------------------
+def number(kind: type, low: float, strict: bool = False) -> Callable[[str], float]:
+    """argparse ``type=``: a number >= low (> low with strict); anything else is a one-line usage error, exit 2."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got '{text}'") from None
+        if v < low or (strict and v == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g} (got {text})")
+        return v
+    return parse
+
+
+POSITIVE = number(int, 1)           # counts, batch sizes, epochs
+NONNEG = number(float, 0)           # minutes (0 = no limit), guidance scales, weights
+POSITIVE_F = number(float, 0, strict=True)
+
+
+def int_list(text: str) -> list[int]:
+    """argparse ``type=``: comma-separated integers >= 1, e.g. '1,2,5,10'."""
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 such as 1,2,5,10, got '{text}'")
+    return vals
+
+
+# --------------------------------------------------------------------------------------------------
+# flag groups
+# --------------------------------------------------------------------------------------------------
+def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="fashion-mnist | mnist | folder:PATH | synthetic")
+    p.add_argument("--data-dir", default=None, help="where the dataset files are (default: the installed location)")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="use only the first N images of each split")
+
+
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the training step (default mode; or reduce-overhead = + CUDA graphs, "
+                        "max-autotune); falls back to eager with a warning if compiling fails")
+
+
+def add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
+    """--preset NAME, --set KEY=VALUE (repeatable), and --max-minutes / --max-steps as shorthands for two of them."""
+    p.add_argument("--preset", default=None, help=f"named config (default {default_preset}; a resumed run: its own)")
+    p.set_defaults(default_preset=default_preset)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set lr=1e-4 (repeatable)")
+    p.add_argument("--max-minutes", type=NONNEG, default=None, help="stop (and save) after this wall-clock time")
+    p.add_argument("--max-steps", type=POSITIVE, default=None, help="stop after this many optimizer steps")
+
+
+def add_training_args(p: argparse.ArgumentParser, default_preset: str) -> None:
+    """What every trainer takes: the config flags, --out, --resume, --accum and --workers."""
+    add_config_args(p, default_preset)
+    p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, curve.png)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint, with its own settings and data "
+                        "(only --max-steps, --max-minutes and the logging cadence may change)")
+    p.add_argument("--accum", type=POSITIVE, default=1,
+                   help="gradient accumulation: split each rank's share of the global batch into N micro-batches")
+    p.add_argument("--workers", type=number(int, 0), default=None,
+                   help="DataLoader processes decoding images (default min(4, CPU cores); 0 = in the main process)")
+
+
+def training_config(args: argparse.Namespace, preset: Callable[[str], object]) -> tuple[object, dict]:
+    """The config of a trainer's run and the run's saved data flags (run.json). A new run: --preset + --set.
+    ``--resume`` of a run: its saved config + --set (or --preset + --set, when given), checked against the
+    saved one by the engine; data flags left out are taken from the run, one that contradicts it is an error."""
+    from ..config import apply_overrides
+    from ..engine import saved_run
+
+    saved = saved_run(args.out) if args.resume else None
+    if saved is None:
+        return apply_overrides(preset(args.preset or args.default_preset), overrides(args)), {}
+    cfg, run_args = saved
+    for name, theirs in run_args.items():
+        mine = getattr(args, name, None)
+        if mine is None or name in ("class_conditional",):
+            setattr(args, name, theirs if mine is None else mine)
+        elif theirs is not None and _same(mine) != _same(theirs):
+            raise MageError(f"cannot resume {args.out}: it was trained with --{name.replace('_', '-')} {theirs}, "
+                            f"not {mine} (leave it out to use the run's own)")
+    return apply_overrides(preset(args.preset) if args.preset else cfg, overrides(args)), run_args
+
+
+def _same(value):
+    return os.path.abspath(value) if isinstance(value, str) and os.path.exists(value) else value
+
+
+def workers(args: argparse.Namespace) -> int:
+    from ..loader import default_workers
+
+    return default_workers() if args.workers is None else args.workers
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The KEY=VALUE overrides of :func:`add_config_args`' flags, --max-minutes / --max-steps last."""
+    out = list(args.overrides)
+    if getattr(args, "max_minutes", None) is not None:
+        out.append(f"max_minutes={args.max_minutes}")
+    if getattr(args, "max_steps", None) is not None:
+        out.append(f"max_steps={args.max_steps}")
+    return out
+
+
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=POSITIVE, default=20, help="decoding iterations (default 20, as the original)")
+    p.add_argument("--temperature", type=float, default=1.0, help="token sampling temperature (default 1)")
+    p.add_argument("--choice-temperature", type=float, default=6.0, help="Gumbel noise on confidences, annealed to 0 (default 6.0)")
+    p.add_argument("--schedule", default="cosine", help="cosine | linear | arccos")
+    p.add_argument("--cfg", type=NONNEG, default=0.0, help="classifier-free guidance scale (0 = off)")
+    p.add_argument("--cfg-schedule", default="constant", help="constant | linear")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=POSITIVE, default=64)
+
+
+def add_weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="fp32", help="fp32 | bf16 (stored in bf16: half the memory; bf16 math on bf16 "
+                   "hardware, fp32 math elsewhere)")
+
+
+def sampler_config(args: argparse.Namespace):
+    """The checked :class:`mage.sampler.SamplerConfig` of :func:`add_sampler_args`' flags."""
+    from ..sampler import SamplerConfig
+
+    s = SamplerConfig(steps=args.steps, temperature=args.temperature, choice_temperature=args.choice_temperature,
+                      schedule=args.schedule, cfg=args.cfg, cfg_schedule=args.cfg_schedule)
+    s.check()
+    return s
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------------
+def image_files(path: str) -> list[str]:
+    """One image file, or every image under a directory (the same scan as folder datasets)."""
+    from pathlib import Path
+
+    from ..data import _scan_images
+
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise MageError(f"input not found: {path}")
+    files = [os.path.join(path, rel) for rel in _scan_images(Path(path))]
+    if not files:
+        raise MageError(f"no images (png/jpg/jpeg/webp/bmp) in {path}")
+    return files
