@@ -1,5 +1,6 @@
 """Parity with the original code's outputs on the official_A fixture (fp32, eval mode)."""
 
+import dataclasses
 import math
 
 import torch
@@ -62,9 +63,9 @@ def test_quirks_matter(official_a, expected):
     drop, mask = expected["train_drop_mask"][:, 1:], expected["train_all_mask"][:, 1:]
     with torch.no_grad():
         # label smoothing 0.1
-        m.config.label_smoothing = 0.0
+        m.config = dataclasses.replace(m.config, label_smoothing=0.0)
         assert abs(m(expected["train_tokens"], drop, mask)["loss"].item() - expected["train_loss"]) > 1e-3
-        m.config.label_smoothing = 0.1
+        m.config = dataclasses.replace(m.config, label_smoothing=0.1)
         # MLM LayerNorm eps 1e-5 (not 1e-6)
         m.mlm_layer.ln.eps = 1e-6
         assert rel_err(m.logits(expected["tokens_in"]), expected["logits"]) > 1e-6

@@ -244,4 +244,4 @@ def test_finetune_cli(tiny_setup, tmp_path):  # noqa: F811
     assert r.returncode == 2 and "Traceback" not in r.stderr
     r = run_cli("finetune", "--model", model_dir, "--data", "synthetic", "--compile", "fastest", "--out", str(tmp_path / "y"))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "mage: error: unknown compile mode 'fastest' (choose from: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)"]
+        "mage: error: bad config: compile: unknown compile mode 'fastest' (choose from: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)"]
