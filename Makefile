@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mage-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test test-all clean
+.PHONY: setup data demo lint test test-all clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,14 @@ data:
 demo: setup data
 	$(VENV)/bin/mage demo
 
-test: setup data
+lint: setup
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+test: setup data lint
 	$(PY) -m pytest -q tests
 
-test-all: setup data
+test-all: setup data lint
 	$(PY) -m pytest -q -m "" tests
 
 clean:

@@ -18,7 +18,9 @@ def official_a() -> Path:
     if not (FIXTURES / "expected.pt").is_file():
         if os.environ.get("MAGE_REQUIRE_FIXTURES"):
             pytest.fail(f"parity fixture missing at {FIXTURES} but MAGE_REQUIRE_FIXTURES is set")
-        pytest.skip(f"parity fixture not found at {FIXTURES} (it ships in the project's shared/ folder, not in a clone)")
+        pytest.skip(
+            f"parity fixture not found at {FIXTURES} (it ships in the project's shared/ folder, not in a clone)"
+        )
     return FIXTURES
 
 

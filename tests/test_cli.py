@@ -5,8 +5,23 @@ import pytest
 from mage.cli import build_parser, main
 from mage.commands import COMMANDS
 
-NAMES = ["train-tokenizer", "reconstruct", "cache-tokens", "pretrain", "import-official", "generate", "inpaint",
-         "outpaint", "embed", "probe", "finetune", "classify", "bench", "evaluate", "demo"]
+NAMES = [
+    "train-tokenizer",
+    "reconstruct",
+    "cache-tokens",
+    "pretrain",
+    "import-official",
+    "generate",
+    "inpaint",
+    "outpaint",
+    "embed",
+    "probe",
+    "finetune",
+    "classify",
+    "bench",
+    "evaluate",
+    "demo",
+]
 
 
 def test_every_command_is_registered_once_in_help_order():

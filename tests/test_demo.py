@@ -5,18 +5,40 @@ import json
 
 from mage.demo import run_demo
 
+
 def test_demo_end_to_end_and_reuse(tmp_path, capsys):
-    plan = {"cache_images": 256, "probe_train_images": 256, "fid_num": 40, "agreement_per_class": 2, "fid_steps": 2,
-            "judge_minutes": 0.1}
+    plan = {
+        "cache_images": 256,
+        "probe_train_images": 256,
+        "fid_num": 40,
+        "agreement_per_class": 2,
+        "fid_steps": 2,
+        "judge_minutes": 0.1,
+    }
     out = tmp_path / "demo"
     report = run_demo(str(out), budget_minutes=0.4, data="synthetic", plan_overrides=plan)
     state = json.loads((out / "stages.json").read_text())
     want = {"tokenizer", "cache", "mage", "judge", "recognition", "samples", "agreement"}
     assert want <= set(state), state.keys()
     html = open(report).read()
-    for section in ("Linear probe", "Class agreement", "FID", "Unconditional samples", "Inpainting", "Outpainting", "Configs"):
+    for section in (
+        "Linear probe",
+        "Class agreement",
+        "FID",
+        "Unconditional samples",
+        "Inpainting",
+        "Outpainting",
+        "Configs",
+    ):
         assert section in html, section
-    for png in ("samples_uncond.png", "samples_per_class.png", "inpaint.png", "outpaint.png", "outpaint48.png", "reconstructions.png"):
+    for png in (
+        "samples_uncond.png",
+        "samples_per_class.png",
+        "inpaint.png",
+        "outpaint.png",
+        "outpaint48.png",
+        "reconstructions.png",
+    ):
         assert (out / png).is_file(), png
     assert 0 <= state["recognition"]["linear"] <= 100 and 0 <= state["agreement"]["agreement"] <= 100
     capsys.readouterr()

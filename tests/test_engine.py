@@ -18,7 +18,6 @@ from mage.checkpoint import step_dirs
 from mage.distributed import DistInfo
 from mage.engine import LoopSettings, RunLock, Task, fit, plot_curve, read_log
 from mage.errors import MageError
-
 from test_pretrain import _cfg, tiny_setup  # noqa: F401  (fixture)
 from test_tokenizer import ENV
 
@@ -33,7 +32,7 @@ class Regression(Task):
 
         torch.manual_seed(0)
         self.model = self.net = nn.Linear(4, 2)
-        self.config = tokenizer_preset("tiny")                        # any config dataclass: saved as config.json
+        self.config = tokenizer_preset("tiny")  # any config dataclass: saved as config.json
         self.optimizers = {"sgd": torch.optim.SGD(self.model.parameters(), lr=0.1)}
         self.nan_from, self.global_batch = nan_from, 8
         self.x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
@@ -62,7 +61,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     out = str(tmp_path / "r")
     with pytest.raises(MageError, match=r"loss is not finite at step 15 .*step-0000012"):
         fit(Regression(nan_from=11), _settings(), DistInfo(), out, progress=False)
-    assert [s for s, _ in step_dirs(out)] == [8, 12]                 # skipped steps leave the weights as they were
+    assert [s for s, _ in step_dirs(out)] == [8, 12]  # skipped steps leave the weights as they were
     for _, d in step_dirs(out):
         assert all(torch.isfinite(v).all() for v in load_file(os.path.join(d, "model.safetensors")).values())
     rows = read_log(os.path.join(out, "log.jsonl"))
@@ -77,8 +76,19 @@ def test_cli_exploding_lr_exits_2_and_keeps_good_checkpoints(tiny_setup, tmp_pat
     from test_tokenizer import run_cli
 
     _, _, cache = tiny_setup
-    r = run_cli("pretrain", "--cache", cache, "--preset", "tiny", "--set", "blr=1e12", "--max-steps", "40",
-                "--out", str(tmp_path / "nan"))
+    r = run_cli(
+        "pretrain",
+        "--cache",
+        cache,
+        "--preset",
+        "tiny",
+        "--set",
+        "blr=1e12",
+        "--max-steps",
+        "40",
+        "--out",
+        str(tmp_path / "nan"),
+    )
     lines = [line for line in r.stderr.strip().splitlines() if line.strip() and "%|" not in line]
     assert r.returncode == 2 and len(lines) == 1 and "not finite" in lines[0], r.stderr
     for _, d in step_dirs(str(tmp_path / "nan")):
@@ -87,7 +97,7 @@ def test_cli_exploding_lr_exits_2_and_keeps_good_checkpoints(tiny_setup, tmp_pat
 
 def test_two_writers_and_leftovers_and_unreadable_newest(tmp_path):
     out = str(tmp_path / "r")
-    lock = RunLock(out)                                        # another run holds OUT
+    lock = RunLock(out)  # another run holds OUT
     with pytest.raises(MageError, match=f"in use by pid {os.getpid()}"):
         fit(Regression(), _settings(), DistInfo(), out, progress=False)
     lock.release()
@@ -99,7 +109,7 @@ def test_two_writers_and_leftovers_and_unreadable_newest(tmp_path):
     newest = step_dirs(out)[-1][1]
     open(os.path.join(newest, "model.safetensors"), "wb").write(b"garbage")
     with open(os.path.join(out, "log.jsonl"), "a") as f:
-        f.write('{"step": 11, "loss": 0.')                      # a torn last line
+        f.write('{"step": 11, "loss": 0.')  # a torn last line
     with pytest.warns(RuntimeWarning, match="step-0000010 is unreadable"):
         res = fit(Regression(), _settings(), DistInfo(), out, resume=True, progress=False)
     assert res["step"] == 20
@@ -109,7 +119,7 @@ def test_two_writers_and_leftovers_and_unreadable_newest(tmp_path):
     b = load_file(os.path.join(step_dirs(out)[-1][1], "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a) and straight["loss"] == res["loss"]
     steps = [r["step"] for r in read_log(os.path.join(out, "log.jsonl"))]
-    assert steps == list(range(1, 21))                          # cut back to step 8 on resume, then 9..20 again
+    assert steps == list(range(1, 21))  # cut back to step 8 on resume, then 9..20 again
     plot_curve(os.path.join(out, "log.jsonl"), str(tmp_path / "c.png"), ("loss",))
     assert os.path.getsize(tmp_path / "c.png") > 1000
 
@@ -152,9 +162,9 @@ def test_time_limited_resume_continues_the_schedule(tiny_setup, tmp_path):  # no
     cfg = _cfg(max_steps=100_000, max_minutes=0.08, warmup_epochs=0, dropout=0.0)
     pretrain(cfg, out, cache=cache, progress=False, stop_at=30)
     before = read_log(os.path.join(out, "log.jsonl"))
-    time.sleep(1.0)                                           # the time between kill and resume is not the run's
+    time.sleep(1.0)  # the time between kill and resume is not the run's
     pretrain(cfg, out, cache=cache, progress=False, resume=True)
-    after = read_log(os.path.join(out, "log.jsonl"))[len(before):]
+    after = read_log(os.path.join(out, "log.jsonl"))[len(before) :]
     assert after and after[0]["lr"] <= before[-1]["lr"] + 1e-12
     assert all(a["lr"] >= b["lr"] - 1e-12 for a, b in zip(after, after[1:]))
     assert after[-1]["elapsed_s"] <= 0.08 * 60 + 1.0 and after[-1]["elapsed_s"] >= before[-1]["elapsed_s"]
@@ -188,25 +198,34 @@ def _kill_cycles(args: list[str], out: str, kills: int, seed: int) -> None:
     """Run ``mage ARGS --out OUT --resume`` and SIGKILL it at a random moment once it trains, ``kills`` times,
     then let it finish."""
     rng = random.Random(seed)
-    env = {**ENV, "OMP_NUM_THREADS": "1"}                     # as the straight run: same threads, same sums
+    env = {**ENV, "OMP_NUM_THREADS": "1"}  # as the straight run: same threads, same sums
     log = os.path.join(out, "log.jsonl")
     for _ in range(kills):
         before = os.path.getsize(log) if os.path.exists(log) else 0
-        p = subprocess.Popen([sys.executable, "-m", "mage", *args, "--out", out, "--resume"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "mage", *args, "--out", out, "--resume"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None:     # wait until it trains (a new log row) ...
+        while time.time() < deadline and p.poll() is None:  # wait until it trains (a new log row) ...
             if os.path.exists(log) and os.path.getsize(log) > before:
                 break
             time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.6))                       # ... then kill it at a random moment
+        time.sleep(rng.uniform(0, 0.6))  # ... then kill it at a random moment
         if p.poll() is not None:
             assert p.returncode == 0, p.stderr.read().decode()[-2000:]
-            return                                             # it finished first
+            return  # it finished first
         p.send_signal(signal.SIGKILL)
         p.wait()
-    r = subprocess.run([sys.executable, "-m", "mage", *args, "--out", out, "--resume"], env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "mage", *args, "--out", out, "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -224,14 +243,45 @@ def _same_run(a: str, b: str) -> None:
 
 def _fault_test(tiny_setup, tmp_path, kills):  # noqa: F811
     _, _, cache = tiny_setup
-    pre = ["pretrain", "--cache", cache, "--preset", "tiny", "--max-steps", "150", "--set", "log_every=1",
-           "--set", "ckpt_every=3"]
-    tok = ["train-tokenizer", "--data", "synthetic", "--preset", "tiny", "--limit", "64", "--max-steps", "60",
-           "--set", "log_every=1", "--set", "ckpt_every=2", "--set", "sample_every=1000"]
+    pre = [
+        "pretrain",
+        "--cache",
+        cache,
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "150",
+        "--set",
+        "log_every=1",
+        "--set",
+        "ckpt_every=3",
+    ]
+    tok = [
+        "train-tokenizer",
+        "--data",
+        "synthetic",
+        "--preset",
+        "tiny",
+        "--limit",
+        "64",
+        "--max-steps",
+        "60",
+        "--set",
+        "log_every=1",
+        "--set",
+        "ckpt_every=2",
+        "--set",
+        "sample_every=1000",
+    ]
     for i, args in enumerate((pre, tok)):
         straight, killed = str(tmp_path / f"straight{i}"), str(tmp_path / f"killed{i}")
-        r = subprocess.run([sys.executable, "-m", "mage", *args, "--out", straight], capture_output=True,
-                           env={**ENV, "OMP_NUM_THREADS": "1"}, text=True, timeout=600)
+        r = subprocess.run(
+            [sys.executable, "-m", "mage", *args, "--out", straight],
+            capture_output=True,
+            env={**ENV, "OMP_NUM_THREADS": "1"},
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         _kill_cycles(args, killed, kills, seed=i)
         _same_run(straight, killed)

@@ -12,11 +12,16 @@ import torch
 from mage.checkpoint import save_checkpoint
 from mage.config import mage_preset, tokenizer_preset
 from mage.data import load_dataset
-from mage.evaluate import (Judge, compute_features, frechet_distance, gaussian_stats, kernel_inception_distance,
-                           precision_recall)
+from mage.evaluate import (
+    Judge,
+    compute_features,
+    frechet_distance,
+    gaussian_stats,
+    kernel_inception_distance,
+    precision_recall,
+)
 from mage.model import MAGE
 from mage.vqgan import VQTokenizer
-
 from test_tokenizer import run_cli
 
 
@@ -44,15 +49,17 @@ def shapes():
 
 def test_fid_zero_on_itself_and_monotonic_in_noise(shapes):
     torch.manual_seed(0)
-    net = Judge(4, width=8).eval()                                   # a fixed random CNN is enough here
-    feats = lambda x: compute_features(net.features, [x[s:s + 50] for s in range(0, len(x), 50)], progress=False)
+    net = Judge(4, width=8).eval()  # a fixed random CNN is enough here
+    feats = lambda x: compute_features(net.features, [x[s : s + 50] for s in range(0, len(x), 50)], progress=False)
     ref = feats(shapes)
     mu, s = gaussian_stats(ref)
     assert abs(frechet_distance(mu, s, *gaussian_stats(feats(shapes)))) < 1e-6
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(shapes.shape, generator=g)
-    scores = [frechet_distance(mu, s, *gaussian_stats(feats((shapes + sigma * noise).clamp(0, 1))))
-              for sigma in (0.02, 0.05, 0.1, 0.2, 0.4)]
+    scores = [
+        frechet_distance(mu, s, *gaussian_stats(feats((shapes + sigma * noise).clamp(0, 1))))
+        for sigma in (0.02, 0.05, 0.1, 0.2, 0.4)
+    ]
     assert all(a < b for a, b in zip(scores, scores[1:])), scores
     kid, _ = kernel_inception_distance(ref, ref, subsets=5, subset_size=100)
     kid_noisy, _ = kernel_inception_distance(ref, feats((shapes + 0.4 * noise).clamp(0, 1)), subsets=5, subset_size=100)
@@ -84,7 +91,20 @@ def test_inception_features_and_quantisation():
 def judge_and_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     judge = root / "judge"
-    r = run_cli("evaluate", "train-judge", "--data", "synthetic:1000", "--epochs", "8", "--width", "16", "--batch-size", "32", "--out", str(judge))
+    r = run_cli(
+        "evaluate",
+        "train-judge",
+        "--data",
+        "synthetic:1000",
+        "--epochs",
+        "8",
+        "--width",
+        "16",
+        "--batch-size",
+        "32",
+        "--out",
+        str(judge),
+    )
     assert r.returncode == 0, r.stderr
     torch.manual_seed(0)
     cfg = mage_preset("tiny")
@@ -100,7 +120,7 @@ def judge_and_model(tmp_path_factory):
 def test_judge_learns(judge_and_model):
     judge, _, out = judge_and_model
     meta = json.loads((judge / "judge.json").read_text())
-    assert meta["test_accuracy"] > 50, meta                         # 4 shapes: chance is 25%
+    assert meta["test_accuracy"] > 50, meta  # 4 shapes: chance is 25%
     assert "test accuracy" in out
 
 
@@ -112,34 +132,98 @@ def test_judge_through_tokenizer_sees_only_reconstructions(tmp_path):
     torch.nn.init.zeros_(tok.decoder.conv_out.weight)
     torch.nn.init.zeros_(tok.decoder.conv_out.bias)
     save_checkpoint(str(tmp_path / "tok"), tok.state_dict(), tok.config)
-    r = run_cli("evaluate", "train-judge", "--data", "synthetic:1000", "--epochs", "8", "--width", "16", "--batch-size", "32",
-                "--through-tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "judge"))
+    r = run_cli(
+        "evaluate",
+        "train-judge",
+        "--data",
+        "synthetic:1000",
+        "--epochs",
+        "8",
+        "--width",
+        "16",
+        "--batch-size",
+        "32",
+        "--through-tokenizer",
+        str(tmp_path / "tok"),
+        "--out",
+        str(tmp_path / "judge"),
+    )
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "judge" / "judge.json").read_text())
     assert meta["test_accuracy"] < 35 and meta["through_tokenizer"] == str(tmp_path / "tok"), meta
     assert meta["image_size"] == 16 and "through" in r.stdout
-    r = run_cli("evaluate", "train-judge", "--data", "synthetic:100", "--through-tokenizer", str(tmp_path / "nope"),
-                "--out", str(tmp_path / "j2"))
+    r = run_cli(
+        "evaluate",
+        "train-judge",
+        "--data",
+        "synthetic:100",
+        "--through-tokenizer",
+        str(tmp_path / "nope"),
+        "--out",
+        str(tmp_path / "j2"),
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_agreement_and_fid_cli(judge_and_model, tmp_path):
     judge, model, _ = judge_and_model
     out = tmp_path / "agree.json"
-    r = run_cli("evaluate", "agreement", "--model", str(model), "--judge", str(judge), "--per-class", "3", "--steps", "2",
-                "--out", str(out), "--grid", str(tmp_path / "g.png"))
+    r = run_cli(
+        "evaluate",
+        "agreement",
+        "--model",
+        str(model),
+        "--judge",
+        str(judge),
+        "--per-class",
+        "3",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--grid",
+        str(tmp_path / "g.png"),
+    )
     assert r.returncode == 0, r.stderr
     a = json.loads(out.read_text())
     assert a["num"] == 12 and 0 <= a["agreement"] <= 100 and sum(map(sum, a["confusion"])) == 12
     assert (tmp_path / "g.png").is_file() and "class agreement" in r.stdout
-    r = run_cli("evaluate", "fid", "--model", str(model), "--data", "synthetic", "--num", "20", "--steps", "2",
-                "--features", f"judge:{judge}", "--class-conditional", "--batch-size", "8", "--out", str(tmp_path / "f.json"))
+    r = run_cli(
+        "evaluate",
+        "fid",
+        "--model",
+        str(model),
+        "--data",
+        "synthetic",
+        "--num",
+        "20",
+        "--steps",
+        "2",
+        "--features",
+        f"judge:{judge}",
+        "--class-conditional",
+        "--batch-size",
+        "8",
+        "--out",
+        str(tmp_path / "f.json"),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("FID-like (judge)") and "20 samples" in r.stdout, r.stdout
     f = json.loads((tmp_path / "f.json").read_text())
     assert f["fid"] > 0 and f["generated"]["num"] == 20 and f["reference"]["num"] == 20
     # the floor: real images against real images
-    r = run_cli("evaluate", "fid", "--images", "synthetic", "--data", "synthetic", "--num", "100", "--features", f"judge:{judge}")
+    r = run_cli(
+        "evaluate",
+        "fid",
+        "--images",
+        "synthetic",
+        "--data",
+        "synthetic",
+        "--num",
+        "100",
+        "--features",
+        f"judge:{judge}",
+    )
     assert r.returncode == 0 and "real images" in r.stdout, r.stderr
 
 
@@ -149,10 +233,24 @@ def test_evaluate_bad_inputs(judge_and_model, tmp_path):
     assert r.returncode == 2 and "no judge" in r.stderr and "Traceback" not in r.stderr
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=np.zeros(3))
-    r = run_cli("evaluate", "fid", "--model", str(model), "--ref-stats", str(bad), "--num", "4", "--features", f"judge:{judge}")
+    r = run_cli(
+        "evaluate", "fid", "--model", str(model), "--ref-stats", str(bad), "--num", "4", "--features", f"judge:{judge}"
+    )
     assert r.returncode == 2 and "mu" in r.stderr
     r = run_cli("evaluate", "fid", "--model", str(model), "--images", "synthetic", "--features", f"judge:{judge}")
     assert r.returncode == 2 and "exactly one" in r.stderr
-    r = run_cli("evaluate", "fid", "--model", str(model), "--data", "synthetic", "--image-size", "999", "--num", "4",
-                "--features", f"judge:{judge}")
+    r = run_cli(
+        "evaluate",
+        "fid",
+        "--model",
+        str(model),
+        "--data",
+        "synthetic",
+        "--image-size",
+        "999",
+        "--num",
+        "4",
+        "--features",
+        f"judge:{judge}",
+    )
     assert r.returncode == 2 and "differs from the model's resolution" in r.stderr and "Traceback" not in r.stderr

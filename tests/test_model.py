@@ -47,12 +47,12 @@ def test_mask_sampling_invariants():
         drop, mask, r = m.sample_masks(4, g)
         L = m.config.num_tokens
         assert 0.5 <= r <= 1.0
-        assert (drop <= mask).all()                                  # dropped is a subset of masked
-        assert (drop.sum(1) == math.ceil(L * 0.5)).all()             # fixed number dropped
+        assert (drop <= mask).all()  # dropped is a subset of masked
+        assert (drop.sum(1) == math.ceil(L * 0.5)).all()  # fixed number dropped
         assert (mask.sum(1) == math.ceil(L * r)).all()
         ratios.append(r)
     mean = sum(ratios) / len(ratios)
-    assert 0.64 < mean < 0.75                                        # truncated-normal mean is 0.694
+    assert 0.64 < mean < 0.75  # truncated-normal mean is 0.694
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert all(torch.equal(a, b) for a, b in zip(m.sample_masks(2, g1)[:2], m.sample_masks(2, g2)[:2]))
 
@@ -108,15 +108,15 @@ def test_overfit_one_batch():
     m = tiny(dropout=0.0)
     tokens = torch.randint(0, 32, (8, 16), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    drop, mask, _ = m.sample_masks(8, torch.Generator().manual_seed(0))   # one fixed batch, fixed masks
+    drop, mask, _ = m.sample_masks(8, torch.Generator().manual_seed(0))  # one fixed batch, fixed masks
     first = None
-    for i in range(200):
+    for _ in range(200):
         out = m(tokens, drop, mask)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
         first = first or out["loss"].item()
-    assert out["loss"].item() < 0.6 * first          # label smoothing 0.1 puts the floor near 0.65
+    assert out["loss"].item() < 0.6 * first  # label smoothing 0.1 puts the floor near 0.65
     assert out["acc"].item() > 0.9
 
 
@@ -127,7 +127,7 @@ def test_class_conditional_embedding():
     b = m.logits(tokens, torch.tensor([-1, -1]))
     c = m.logits(tokens)
     assert not torch.allclose(a, b)
-    assert torch.equal(b, c)                      # label -1 == the unconditional (fake class token) path
+    assert torch.equal(b, c)  # label -1 == the unconditional (fake class token) path
 
 
 def test_kept_positions_is_the_boolean_token_drop():
@@ -148,13 +148,13 @@ def test_training_step_is_one_graph():
     from mage import fastpath
 
     m = tiny(num_classes=3, class_drop_prob=0.0, contrastive_weight=0.1, dropout=0.0).train()
-    fastpath.apply(m, "cpu", training=True)                                 # as CPU training runs it
+    fastpath.apply(m, "cpu", training=True)  # as CPU training runs it
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 32, (4, 16), generator=g)
     drop, mask, _ = m.sample_masks(4, g)
     labels = torch.tensor([0, 1, -1, 2])
     want = m(tokens, drop, mask, labels)
-    got = torch.compile(m, fullgraph=True, backend="eager")(tokens, drop, mask, labels)   # raises on a graph break
+    got = torch.compile(m, fullgraph=True, backend="eager")(tokens, drop, mask, labels)  # raises on a graph break
     # the fast path's eager CPU training writes the attention out, the graph uses SDPA: equal up to fp32 rounding
     assert torch.allclose(got["loss"], want["loss"]) and torch.allclose(got["proj"], want["proj"], atol=1e-6)
     got["loss"].backward()
@@ -168,19 +168,19 @@ def test_cpu_dropout_mask_rate_seeding_and_scaling():
     torch.manual_seed(3)
     m = dropout_drop_mask((1000, 1001), 0.1)
     assert m.shape == (1000, 1001) and m.dtype == torch.bool
-    assert abs(m.float().mean().item() - 0.1) < 2e-3                      # 1e6 draws: sd 3e-4
+    assert abs(m.float().mean().item() - 0.1) < 2e-3  # 1e6 draws: sd 3e-4
     torch.manual_seed(3)
-    assert torch.equal(dropout_drop_mask((1000, 1001), 0.1), m)            # seeded by torch's generator
+    assert torch.equal(dropout_drop_mask((1000, 1001), 0.1), m)  # seeded by torch's generator
     assert not torch.equal(dropout_drop_mask((1000, 1001), 0.1), m)
     for p in (0.05, 0.5, 0.9):
         assert abs(dropout_drop_mask((300_000,), p).float().mean().item() - p) < 5e-3
     x = torch.full((400_000,), 2.0, requires_grad=True)
     y = dropout(x, 0.1, True)
     kept = y != 0
-    assert abs(y.mean().item() - 2.0) < 0.01                               # scaled by 1 / keep rate
+    assert abs(y.mean().item() - 2.0) < 0.01  # scaled by 1 / keep rate
     assert torch.allclose(y[kept], torch.full_like(y[kept], 2.0 / (1 - round(0.1 * 65536) / 65536)))
     y.sum().backward()
-    assert torch.equal(x.grad != 0, kept)                                  # the gradient goes through the kept ones
+    assert torch.equal(x.grad != 0, kept)  # the gradient goes through the kept ones
     assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
 
 
@@ -221,7 +221,7 @@ def test_explicit_cpu_attention_in_training_equals_sdpa():
     x = torch.randn(3, 9, 32)
     for bf16, tol in ((False, 1e-5), (True, 3e-2)):
         outs, grads = [], []
-        for training in (True, False):                                      # explicit, then SDPA
+        for training in (True, False):  # explicit, then SDPA
             xi = x.clone().requires_grad_(True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 y = att.train(training)(xi)
@@ -244,7 +244,7 @@ def test_fused_linear_gelu_in_cpu_bf16_inference():
         pytest.skip("no bf16 CPU hardware here")
     torch.manual_seed(0)
     mlp, x = fastpath.apply(Mlp(64, 256), "cpu", training=False).eval(), torch.randn(2, 9, 64)
-    assert fastpath.linear_gelu_cpu(x, mlp.fc1) is None                     # fp32 / grad: the plain path
+    assert fastpath.linear_gelu_cpu(x, mlp.fc1) is None  # fp32 / grad: the plain path
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fused = mlp(x)
         assert fastpath.linear_gelu_cpu(x, mlp.fc1) is not None
@@ -274,7 +274,9 @@ def test_fastpath_is_explicit_idempotent_and_keeps_the_weights():
     assert {"FusedMlp", "Attention", "Dropout"} <= set(kinds(m)) and "Mlp" not in kinds(m)
     fastpath.apply(m, torch.device("cpu"), training=True)
     once = kinds(m)
-    assert {"CPUDropout", "ExplicitAttention", "FusedMlp"} <= set(once) and not {"Dropout", "Attention", "Mlp"} & set(once)
+    assert {"CPUDropout", "ExplicitAttention", "FusedMlp"} <= set(once) and not {"Dropout", "Attention", "Mlp"} & set(
+        once
+    )
     assert kinds(fastpath.apply(m, "cpu", training=True)) == once
     assert all(isinstance(x, Attention) for x in m.modules() if type(x).__name__ == "ExplicitAttention")
     assert all(isinstance(x, Mlp) for x in m.modules() if type(x).__name__ == "FusedMlp")

@@ -5,10 +5,9 @@ import math
 
 import torch
 
+from conftest import rel_err
 from mage.model import MAGE
 from mage.vqgan import VQTokenizer
-
-from conftest import rel_err
 
 
 def test_tokenizer_parity(official_a, expected):
@@ -19,9 +18,9 @@ def test_tokenizer_parity(official_a, expected):
     assert rel_err(z, expected["vq_z"]) < 1e-4
     ids = tok.encode(expected["images"])
     assert ids.dtype == torch.int64 and ids.shape == (2, 256)
-    assert torch.equal(ids, expected["vq_indices"])                  # token ids exactly
+    assert torch.equal(ids, expected["vq_indices"])  # token ids exactly
     dec = tok.decode(expected["vq_indices"])
-    assert rel_err(dec, expected["vq_decoded"]) < 1e-4               # decoded pixels
+    assert rel_err(dec, expected["vq_decoded"]) < 1e-4  # decoded pixels
 
 
 def test_tokenizer_from_mage_file(official_a, expected):

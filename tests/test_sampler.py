@@ -12,7 +12,6 @@ from mage.errors import MageError
 from mage.model import MAGE
 from mage.sampler import SCHEDULES, SamplerConfig, decode_tokens
 from mage.vqgan import VQTokenizer
-
 from test_tokenizer import run_cli
 
 
@@ -28,7 +27,13 @@ def test_unknown_count_follows_the_schedule():
     L, T = m.config.num_tokens, 8
     start = torch.full((3, L), m.vocab.mask_id)
     trace = []
-    out = decode_tokens(m, start, SamplerConfig(steps=T, choice_temperature=4.5), generator=torch.Generator().manual_seed(0), trace=trace)
+    out = decode_tokens(
+        m,
+        start,
+        SamplerConfig(steps=T, choice_temperature=4.5),
+        generator=torch.Generator().manual_seed(0),
+        trace=trace,
+    )
     for s, ids in enumerate(trace[:-1]):
         expect = max(1, min(L - 1, math.floor(L * SCHEDULES["cosine"]((s + 1) / T))))
         n_unknown_before = L if s == 0 else int((trace[s - 1] == m.vocab.mask_id).sum(1)[0])
@@ -53,7 +58,7 @@ def test_known_tokens_never_change_and_partial_schedule():
     g = torch.Generator().manual_seed(1)
     known = torch.randint(0, m.vocab.codebook_size, (2, L), generator=g)
     start = known.clone()
-    start[:, :6] = m.vocab.mask_id                      # 6 unknown tokens
+    start[:, :6] = m.vocab.mask_id  # 6 unknown tokens
     trace = []
     out = decode_tokens(m, start, SamplerConfig(steps=4), generator=g, trace=trace)
     assert torch.equal(out[:, 6:], known[:, 6:])
@@ -67,12 +72,12 @@ def test_tokens_are_drawn_from_the_model_distribution():
     follow softmax(logits / temperature) -- an off-by-one in the inverse CDF would shift mass between codes."""
     m = tiny_model()
     with torch.no_grad():
-        m.mlm_layer.bias[..., :32] = torch.linspace(-3, 3, 32)                 # a clearly non-uniform distribution
+        m.mlm_layer.bias[..., :32] = torch.linspace(-3, 3, 32)  # a clearly non-uniform distribution
     B, T = 6000, 0.7
     start = torch.full((B, 16), m.vocab.mask_id)
     out = decode_tokens(m, start, SamplerConfig(steps=1, temperature=T), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        p = torch.softmax(m.logits(start[:1])[0, 1:, :32].float() / T, -1)       # [16, 32]
+        p = torch.softmax(m.logits(start[:1])[0, 1:, :32].float() / T, -1)  # [16, 32]
     for j in (0, 7, 15):
         freq = torch.bincount(out[:, j], minlength=32).double() / B
         assert (freq - p[j]).abs().max() < 0.025, (j, freq, p[j])
@@ -112,16 +117,53 @@ def test_generate_cli(tmp_path):
     tok = VQTokenizer(tokenizer_preset("tiny"))
     save_checkpoint(str(tmp_path / "m" / "tokenizer"), tok.state_dict(), tok.config)
     (tmp_path / "m" / "classes.json").write_text('["circle", "square", "triangle", "cross"]')
-    r = run_cli("generate", "--model", str(tmp_path / "m"), "--num", "4", "--steps", "3", "--out", str(tmp_path / "g.png"))
+    r = run_cli(
+        "generate", "--model", str(tmp_path / "m"), "--num", "4", "--steps", "3", "--out", str(tmp_path / "g.png")
+    )
     assert r.returncode == 0, r.stderr
-    r = run_cli("generate", "--model", str(tmp_path / "m"), "--num", "2", "--class", "square", "--steps", "3", "--out", str(tmp_path / "d"))
+    r = run_cli(
+        "generate",
+        "--model",
+        str(tmp_path / "m"),
+        "--num",
+        "2",
+        "--class",
+        "square",
+        "--steps",
+        "3",
+        "--out",
+        str(tmp_path / "d"),
+    )
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "d").glob("*.png"))) == 2
-    r = run_cli("generate", "--model", str(tmp_path / "m"), "--num", "2", "--classes", "all", "--steps", "2", "--out", str(tmp_path / "all.png"))
+    r = run_cli(
+        "generate",
+        "--model",
+        str(tmp_path / "m"),
+        "--num",
+        "2",
+        "--classes",
+        "all",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "all.png"),
+    )
     assert r.returncode == 0, r.stderr
-    r = run_cli("generate", "--model", str(tmp_path / "m"), "--num", "2", "--steps", "2", "--weights", "bf16", "--out", str(tmp_path / "w16.png"))
+    r = run_cli(
+        "generate",
+        "--model",
+        str(tmp_path / "m"),
+        "--num",
+        "2",
+        "--steps",
+        "2",
+        "--weights",
+        "bf16",
+        "--out",
+        str(tmp_path / "w16.png"),
+    )
     assert r.returncode == 0 and (tmp_path / "w16.png").is_file(), r.stderr
     for bad in (["--class", "dragon"], ["--steps", "0"], ["--class", "9"], ["--weights", "fp16"]):
         r = run_cli("generate", "--model", str(tmp_path / "m"), "--num", "2", *bad, "--out", str(tmp_path / "x.png"))
         assert r.returncode == 2 and r.stderr.startswith("mage: error:"), (bad, r.stderr)
-

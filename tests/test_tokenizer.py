@@ -20,7 +20,9 @@ ENV = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..",
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "mage", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mage", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600
+    )
 
 
 def tiny_tok(seed=0):
@@ -46,7 +48,7 @@ def test_cpu_decode_in_chunks_equals_one_batch(monkeypatch):
     whole = tok.decoder(tok.quantize.lookup(ids, (tok.grid_size, tok.grid_size)))
     calls = []
     monkeypatch.setattr(tok.decoder, "forward", lambda z, f=tok.decoder.forward: calls.append(len(z)) or f(z))
-    monkeypatch.setattr(VQTokenizer, "CPU_DECODE_PIXELS", 2 * tok.config.image_size ** 2)
+    monkeypatch.setattr(VQTokenizer, "CPU_DECODE_PIXELS", 2 * tok.config.image_size**2)
     assert torch.allclose(tok.decode(ids), whole, atol=1e-5) and calls == [2, 2, 1]
 
 
@@ -106,7 +108,7 @@ def test_training_improves_and_resumes_exactly(tmp_path):
     b = VQTokenizer.from_pretrained(str(tmp_path / "b")).state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    with pytest.raises(MageError, match="already holds a run"):      # not over a finished run without --resume
+    with pytest.raises(MageError, match="already holds a run"):  # not over a finished run without --resume
         train_tokenizer(cfg, train, str(tmp_path / "b"), progress=False)
 
 
@@ -119,8 +121,19 @@ def test_bad_inputs():
 
 
 def test_cli_train_reconstruct_and_errors(tmp_path):
-    r = run_cli("train-tokenizer", "--data", "synthetic", "--preset", "tiny", "--out", str(tmp_path / "tok"),
-                "--limit", "64", "--set", "max_steps=6")
+    r = run_cli(
+        "train-tokenizer",
+        "--data",
+        "synthetic",
+        "--preset",
+        "tiny",
+        "--out",
+        str(tmp_path / "tok"),
+        "--limit",
+        "64",
+        "--set",
+        "max_steps=6",
+    )
     assert r.returncode == 0, r.stderr
     assert "val PSNR" in r.stdout
     r = run_cli("reconstruct", "--tokenizer", str(tmp_path / "tok"), "--data", "synthetic", "--limit", "32", "--json")
@@ -128,9 +141,17 @@ def test_cli_train_reconstruct_and_errors(tmp_path):
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"psnr", "usage", "perplexity"} <= set(m)
     from PIL import Image
+
     Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "in.png")
-    r = run_cli("reconstruct", "--tokenizer", str(tmp_path / "tok"), "--input", str(tmp_path / "in.png"),
-                "--out", str(tmp_path / "rec.png"))
+    r = run_cli(
+        "reconstruct",
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--input",
+        str(tmp_path / "in.png"),
+        "--out",
+        str(tmp_path / "rec.png"),
+    )
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "rec.png").size == (16, 16)
     # bad inputs: one line, exit 2
@@ -138,7 +159,15 @@ def test_cli_train_reconstruct_and_errors(tmp_path):
     (tmp_path / "bogus.ckpt").write_bytes(b"garbage")
     cases = [
         ("train-tokenizer", "--data", "fashion-mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x")),
-        ("reconstruct", "--tokenizer", str(tmp_path / "tok"), "--input", str(tmp_path / "corrupt.png"), "--out", str(tmp_path / "y.png")),
+        (
+            "reconstruct",
+            "--tokenizer",
+            str(tmp_path / "tok"),
+            "--input",
+            str(tmp_path / "corrupt.png"),
+            "--out",
+            str(tmp_path / "y.png"),
+        ),
         ("reconstruct", "--tokenizer", str(tmp_path / "bogus.ckpt"), "--data", "synthetic"),
         ("train-tokenizer", "--data", "synthetic", "--preset", "nope", "--out", str(tmp_path / "z")),
     ]
@@ -154,29 +183,33 @@ def test_dead_code_restart_seeds_where_quantization_is_worst():
     # 90% of the encoder outputs sit on one live code (think black background), 10% are far from every code:
     # k-means++ seeding puts the restarted codes on the far ones, uniform seeding would put ~90% on the crowd
     from mage.train_tokenizer import _restart_dead_codes
+
     tok = VQTokenizer(tokenizer_preset("tiny"))
     K, C = tok.config.codebook_size, tok.config.code_dim
     with torch.no_grad():
         tok.quantize.embedding.weight.zero_()
     usage = torch.zeros(K)
-    usage[0] = 1.0                                                          # only code 0 (at the origin) is live
+    usage[0] = 1.0  # only code 0 (at the origin) is live
     flat = torch.zeros(200, C)
-    flat[:20] = torch.randn(20, C) * 5 + 10                                 # 20 of 200 outputs are far away
-    z = flat.reshape(2, 10, 10, C).permute(0, 3, 1, 2)                      # [B, C, H, W]
+    flat[:20] = torch.randn(20, C) * 5 + 10  # 20 of 200 outputs are far away
+    z = flat.reshape(2, 10, 10, C).permute(0, 3, 1, 2)  # [B, C, H, W]
     n = _restart_dead_codes(tok, usage, z, torch.Generator().manual_seed(0))
     assert n == K - 1
     new = tok.quantize.embedding.weight[1:].detach()
     on_crowd = (new.norm(dim=1) < 1.0).float().mean().item()
     assert on_crowd < 0.05, f"{on_crowd:.0%} of restarted codes landed on the crowded point"
-    assert torch.equal(tok.quantize.embedding.weight[0], torch.zeros(C))   # live codes stay
+    assert torch.equal(tok.quantize.embedding.weight[0], torch.zeros(C))  # live codes stay
 
 
 def test_reconstruction_metrics_position_entropy():
     from mage.train_tokenizer import reconstruction_metrics
+
     tok = VQTokenizer(tokenizer_preset("tiny"))
     ds = load_dataset("synthetic", "test", 16, "none", limit=8)
     m = reconstruction_metrics(tok, ds)
-    assert 0.0 <= m["position_entropy"] <= torch.log(torch.tensor(float(min(8, tok.config.codebook_size)))).item() + 1e-6
+    assert (
+        0.0 <= m["position_entropy"] <= torch.log(torch.tensor(float(min(8, tok.config.codebook_size)))).item() + 1e-6
+    )
 
 
 def test_channels_last_is_a_layout_not_a_change():

@@ -7,7 +7,8 @@ A training run writes ``OUT/checkpoints/step-0000500/`` directories, each holdin
     train_state.pt      optimizer, scaler, step, RNG states ... (only what resume needs)
 
 Each directory is first written under a temporary name, fsynced and then renamed, so a crash never leaves a
-half-written checkpoint behind (``clean_partial`` removes the temporary leftovers of a killed write). ``resolve_checkpoint(OUT)`` finds the newest complete one, so users can pass
+half-written checkpoint behind (``clean_partial`` removes the temporary leftovers of a killed write).
+``resolve_checkpoint(OUT)`` finds the newest complete one, so users can pass
 either the run directory or one step directory wherever a model is expected.
 """
 
@@ -24,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import load_config, save_config
-from .files import atomic_write, atomic_write_json, fsync_dir, fsync_tree  # noqa: F401  (re-exported)
 from .errors import MageError
+from .files import atomic_write, atomic_write_json, fsync_dir, fsync_tree  # noqa: F401  (re-exported)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -63,8 +64,13 @@ def resolve_checkpoint(path: str) -> str:
     raise MageError(f"no checkpoint in {path} (expected {WEIGHTS} + {CONFIG}, or checkpoints/step-*/)")
 
 
-def save_checkpoint(path: str, weights: dict[str, torch.Tensor], config: Any,
-                    train_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> str:
+def save_checkpoint(
+    path: str,
+    weights: dict[str, torch.Tensor],
+    config: Any,
+    train_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
     """Write a checkpoint directory atomically: a temporary folder, every file fsynced, then renamed.
     ``extra`` maps file names to JSON-able dicts. ``train_state`` holds tensors and plain types only (it is
     read back with ``weights_only=True``)."""
@@ -127,12 +133,20 @@ def refuse_overwrite(run_dir: str, resume: bool) -> None:
     checkpoints outlive the new run's in pruning): refuse unless resuming."""
     steps = [] if resume else step_dirs(run_dir)
     if steps:
-        raise MageError(f"{run_dir} already holds a run (checkpoint at step {steps[-1][0]}): "
-                        f"pass --resume to continue it, or choose another --out")
+        raise MageError(
+            f"{run_dir} already holds a run (checkpoint at step {steps[-1][0]}): "
+            f"pass --resume to continue it, or choose another --out"
+        )
 
 
-def save_step(run_dir: str, step: int, weights: dict[str, torch.Tensor], config: Any,
-              train_state: dict[str, Any] | None = None, keep_last: int = 2) -> str:
+def save_step(
+    run_dir: str,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    config: Any,
+    train_state: dict[str, Any] | None = None,
+    keep_last: int = 2,
+) -> str:
     """Save ``run_dir/checkpoints/step-{step}`` and prune all but the newest ``keep_last``."""
     path = save_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{step:07d}"), weights, config, train_state)
     for _, old in step_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
@@ -184,9 +198,13 @@ def load_strict(model: torch.nn.Module, sd: dict[str, Any], where: str) -> None:
     unexpected = sorted(set(sd) - set(own))
     if missing or unexpected:
         more = lambda xs: xs[:3] + (["..."] if len(xs) > 3 else [])  # noqa: E731
-        raise MageError(f"{where}: weights do not fit the model (missing {more(missing)}, unexpected {more(unexpected)})")
+        raise MageError(
+            f"{where}: weights do not fit the model (missing {more(missing)}, unexpected {more(unexpected)})"
+        )
     bad = [k for k in own if own[k].shape != sd[k].shape]
     if bad:
         k = bad[0]
-        raise MageError(f"{where}: shape mismatch for {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}")
+        raise MageError(
+            f"{where}: shape mismatch for {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        )
     model.load_state_dict(sd)

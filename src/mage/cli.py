@@ -14,7 +14,7 @@ import sys
 from .commands import COMMANDS
 from .errors import MageError
 
-RUN = {c.name: c.run for c in COMMANDS}     # subcommand -> what it runs
+RUN = {c.name: c.run for c in COMMANDS}  # subcommand -> what it runs
 
 
 class _Parser(argparse.ArgumentParser):

@@ -45,7 +45,7 @@ class CompiledStep:
 
     def __call__(self, step: Callable[[nn.Module], T], reset: Callable[[], None] = lambda: None) -> T:
         if self.compiled and torch.cuda.is_available():
-            torch.compiler.cudagraph_mark_step_begin()                              # reduce-overhead: a new step
+            torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: a new step
         if not self._unchecked:
             return step(self.module)
         self._unchecked = False
@@ -56,7 +56,9 @@ class CompiledStep:
         except Exception as e:  # noqa: BLE001 -- any compiler failure: the run goes on eagerly
             if self.verbose:
                 why = (str(e).strip().splitlines() or [""])[0][:200]
-                print(f"warning: --compile {self.mode} failed ({type(e).__name__}: {why}); training eagerly", flush=True)
+                print(
+                    f"warning: --compile {self.mode} failed ({type(e).__name__}: {why}); training eagerly", flush=True
+                )
             self.module = self.eager
             reset()
             return step(self.eager)

@@ -237,7 +237,9 @@ def _load_idx(path_str: str, mtime_ns: int, size: int) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", data[4:header])
     count = int(np.prod(shape)) if shape else 0
     if len(data) - header != count:
-        raise MageError(f"cannot read {path}: expected {count} bytes of data for shape {shape}, found {len(data) - header}")
+        raise MageError(
+            f"cannot read {path}: expected {count} bytes of data for shape {shape}, found {len(data) - header}"
+        )
     array = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
     array.setflags(write=False)
     return array
@@ -383,7 +385,7 @@ def _walk_images(folder: Path) -> tuple[list[str], dict[str, int]]:
         rel_root = Path(root).relative_to(folder)
         try:
             dirs_seen[rel_root.as_posix()] = os.stat(root).st_mtime_ns
-        except OSError:                      # vanished mid-walk: the index will not validate, which is right
+        except OSError:  # vanished mid-walk: the index will not validate, which is right
             dirs_seen[rel_root.as_posix()] = -1
         for name in sorted(files):
             if _is_image_name(name):
@@ -535,7 +537,9 @@ def _split_folders(root: Path) -> dict[str, str] | None:
     return {"train": "train", "val": held[0], "test": held[-1]}
 
 
-def _folder_dataset(path_text: str, split: str, image_size: int, transform: Transform, seed: int, limit: int | None) -> FolderDataset:
+def _folder_dataset(
+    path_text: str, split: str, image_size: int, transform: Transform, seed: int, limit: int | None
+) -> FolderDataset:
     if not path_text:
         raise MageError("empty folder path in dataset spec: use folder:PATH")
     root = Path(path_text).expanduser()
@@ -547,7 +551,7 @@ def _folder_dataset(path_text: str, split: str, image_size: int, transform: Tran
     if layout is not None:  # PATH/train + PATH/val: the folders are the splits, classes come from train
         parts = sorted(set(layout.values())) if split == "all" else [layout[split]]
         base = root / "train"
-        scanned = {d: _indexed_images(root / d) for d in {*parts, "train"}}           # each folder walked once
+        scanned = {d: _indexed_images(root / d) for d in {*parts, "train"}}  # each folder walked once
         all_files = [f"{d}/{rel}" for d in parts for rel in scanned[d]]
         train_files = scanned["train"]
     else:  # one folder: split by a stable hash of each path
@@ -591,7 +595,9 @@ def _folder_dataset(path_text: str, split: str, image_size: int, transform: Tran
     if limit is not None:
         files = files[:limit]  # the first `limit` of the split (sorted paths); unreadable ones are found lazily
     labels = [class_index[class_of(rel)] for rel in files] if classes else [-1] * len(files)
-    return FolderDataset(root, files, labels, f"folder:{path_text}", split, image_size, classes or None, transform, seed)
+    return FolderDataset(
+        root, files, labels, f"folder:{path_text}", split, image_size, classes or None, transform, seed
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -616,7 +622,20 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> l
         pts = [(np.cos(a), np.sin(a)) for a in -np.pi / 2 + np.arange(3) * 2 * np.pi / 3]
     elif kind == "cross":
         w = 0.3  # arm half-width relative to r
-        pts = [(w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w), (-w, -1)]
+        pts = [
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+            (-w, -1),
+        ]
     else:
         raise ValueError(kind)
     c, s = np.cos(angle), np.sin(angle)
@@ -673,7 +692,16 @@ class SyntheticDataset(ImageDataset):
     ``image_size`` on the fly.
     """
 
-    def __init__(self, split: str, image_size: int, transform: Transform, seed: int = 0, sizes: dict[str, int] | None = None, limit: int | None = None, name: str = "synthetic"):
+    def __init__(
+        self,
+        split: str,
+        image_size: int,
+        transform: Transform,
+        seed: int = 0,
+        sizes: dict[str, int] | None = None,
+        limit: int | None = None,
+        name: str = "synthetic",
+    ):
         super().__init__(name, split, image_size, list(SYNTHETIC_CLASSES), transform, seed)
         sizes = dict(sizes or SYNTHETIC_SIZES)
         parts = ["train", "val", "test"] if split == "all" else [split]
@@ -748,7 +776,7 @@ def load_dataset(
 
     spec = spec.strip()
     if spec.lower().startswith("folder:"):
-        return _folder_dataset(spec[len("folder:"):], split, image_size, transform, seed, limit)
+        return _folder_dataset(spec[len("folder:") :], split, image_size, transform, seed, limit)
 
     key = spec.lower().replace("_", "-")
     if key in ("fashion-mnist", "fashionmnist"):

@@ -55,7 +55,7 @@ def _budget_plan(budget: float) -> dict[str, Any]:
         "mage_minutes": (0.24 if budget < 45 else 0.28) * budget,
         "judge_minutes": min(2.0, 0.03 * budget),
         "tokenizer_test_images": 2000 if budget < 45 else 10000,
-        "cache_images": min(55000, int(1000 * budget)),           # tokenizing costs ~1-2 ms/image on 2 cores
+        "cache_images": min(55000, int(1000 * budget)),  # tokenizing costs ~1-2 ms/image on 2 cores
         "probe_train_images": min(55000, int(500 * budget)),
         # the FID Inception runs at ~5 images/s on 2 CPU cores: N = 500 at 15 min, 2,000 at 60 min
         "fid_num": max(500, int(2000 * scale / 500) * 500),
@@ -70,14 +70,24 @@ def _budget_plan(budget: float) -> dict[str, Any]:
 def _features_from_tokens(model, tokens: torch.Tensor, pool: str = "mean", batch: int = 500) -> torch.Tensor:
     from .recognition import pool_features
 
-    dev = next(model.parameters()).device                                          # CUDA when there is one
+    dev = next(model.parameters()).device  # CUDA when there is one
     with torch.no_grad():
-        return torch.cat([pool_features(model.features(tokens[s:s + batch].to(dev)), pool).float().cpu()
-                          for s in range(0, len(tokens), batch)])
+        return torch.cat(
+            [
+                pool_features(model.features(tokens[s : s + batch].to(dev)), pool).float().cpu()
+                for s in range(0, len(tokens), batch)
+            ]
+        )
 
 
-def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool = False,
-             data_dir: str | None = None, data: str = "fashion-mnist", plan_overrides: dict[str, Any] | None = None) -> str:
+def run_demo(
+    out: str = "runs/demo",
+    budget_minutes: float = 15.0,
+    fresh: bool = False,
+    data_dir: str | None = None,
+    data: str = "fashion-mnist",
+    plan_overrides: dict[str, Any] | None = None,
+) -> str:
     """Run (or resume) every stage and write the report; returns the path of report.html.
     ``data`` / ``plan_overrides`` exist for tests (the demo is Fashion-MNIST)."""
     from . import evaluate as ev
@@ -85,9 +95,9 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
     from .data import load_dataset
     from .pipeline import MAGEPipeline, inpaint, outpaint
     from .pretrain import pretrain
-    from .tokens import TokenCache, cache_tokens
     from .recognition import accuracy, few_shot, train_probe
     from .sampler import SamplerConfig
+    from .tokens import TokenCache, cache_tokens
     from .train_tokenizer import reconstruction_metrics, train_tokenizer
     from .transforms import save_image
     from .vqgan import VQTokenizer
@@ -118,9 +128,17 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
         tok = VQTokenizer.from_pretrained(tok_dir)
         test = load_dataset(data, "test", 32, "none", data_dir)
         x = torch.stack([test[i][0] for i in range(16)])
-        save_image(torch.cat([x, tok.decode(tok.encode(x)).clamp(0, 1)]), os.path.join(out, "reconstructions.png"), nrow=16)
+        save_image(
+            torch.cat([x, tok.decode(tok.encode(x)).clamp(0, 1)]), os.path.join(out, "reconstructions.png"), nrow=16
+        )
         t = reconstruction_metrics(tok, test, limit=plan["tokenizer_test_images"])
-        return {"steps": m["step"], "test_images": plan["tokenizer_test_images"], "test_psnr": t["psnr"], "test_usage": t["usage"], "test_perplexity": t["perplexity"]}
+        return {
+            "steps": m["step"],
+            "test_images": plan["tokenizer_test_images"],
+            "test_psnr": t["psnr"],
+            "test_usage": t["usage"],
+            "test_perplexity": t["perplexity"],
+        }
 
     def cache_stage():
         cache_tokens(tok_dir, data, cache, data_dir=data_dir, limit=plan["cache_images"])
@@ -142,7 +160,7 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
         test = load_dataset(data, "test", 32, "none", data_dir)
         xt = torch.stack([test[i][0] for i in range(len(test))])
         with torch.no_grad():
-            te_tok = torch.cat([pipe.tokenizer.encode(xt[s:s + 500]) for s in range(0, len(xt), 500)])
+            te_tok = torch.cat([pipe.tokenizer.encode(xt[s : s + 500]) for s in range(0, len(xt), 500)])
         te_f, te_y = _features_from_tokens(pipe.model, te_tok), test.labels()
         C = len(tc.classes)
         head = train_probe(tr_f, tr_y, C, epochs=30, progress=True)
@@ -159,22 +177,44 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
         with torch.no_grad():
             px_lin = accuracy(px_head((px_te - mu) / sd), te_y)
         px_fs = few_shot(px_tr, tr_y, px_te, te_y, [1, 10], draws=5)
-        return {"train_images": n, "linear": lin, "shot1": fs["1"]["logreg_mean"], "shot10": fs["10"]["logreg_mean"],
-                "shot10_std": fs["10"]["logreg_std"], "pixels_linear": px_lin, "pixels_shot1": px_fs["1"]["logreg_mean"],
-                "pixels_shot10": px_fs["10"]["logreg_mean"]}
+        return {
+            "train_images": n,
+            "linear": lin,
+            "shot1": fs["1"]["logreg_mean"],
+            "shot10": fs["10"]["logreg_mean"],
+            "shot10_std": fs["10"]["logreg_std"],
+            "pixels_linear": px_lin,
+            "pixels_shot1": px_fs["1"]["logreg_mean"],
+            "pixels_shot10": px_fs["10"]["logreg_mean"],
+        }
 
     def samples_stage():
         pipe = MAGEPipeline.from_pretrained(mage_dir)
         s = SamplerConfig(steps=12, choice_temperature=3.0)
         save_image(pipe.generate(64, sampler=s, seed=0), os.path.join(out, "samples_uncond.png"), nrow=8)
-        save_image(pipe.generate_per_class(10, sampler=gen_sampler, seed=1), os.path.join(out, "samples_per_class.png"), nrow=10)
+        save_image(
+            pipe.generate_per_class(10, sampler=gen_sampler, seed=1),
+            os.path.join(out, "samples_per_class.png"),
+            nrow=10,
+        )
         test = load_dataset(data, "test", 32, "none", data_dir)
         x = torch.stack([test[i][0] for i in range(8)])
         box = torch.zeros(32, 32, dtype=torch.bool)
-        box[8:24, 8:24] = True                                                    # 25% of the image
+        box[8:24, 8:24] = True  # 25% of the image
         inp = torch.stack([inpaint(pipe, im, box, sampler=s, seed=i) for i, im in enumerate(x)])
-        rep = torch.stack([inpaint(pipe, im, box, class_label=(int(test[i][1]) + 1 + i) % pipe.model.config.num_classes, sampler=gen_sampler, seed=i)
-                           for i, im in enumerate(x)])
+        rep = torch.stack(
+            [
+                inpaint(
+                    pipe,
+                    im,
+                    box,
+                    class_label=(int(test[i][1]) + 1 + i) % pipe.model.config.num_classes,
+                    sampler=gen_sampler,
+                    seed=i,
+                )
+                for i, im in enumerate(x)
+            ]
+        )
         holed = x.clone()
         holed[:, :, box] = 0.5
         save_image(torch.cat([x, holed, inp, rep]), os.path.join(out, "inpaint.png"), nrow=8)
@@ -184,13 +224,22 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
         save_image(torch.cat([x, padded, outp]), os.path.join(out, "outpaint.png"), nrow=8)
         # beyond the model's resolution: 32 -> 48 px, filled in overlapping 32 x 32 tiles
         wide = torch.stack([outpaint(pipe, im, 8, 8, 8, 8, sampler=s, seed=100 + i) for i, im in enumerate(x)])
-        save_image(torch.cat([torch.nn.functional.pad(x, (8, 8, 8, 8), value=0.5), wide]), os.path.join(out, "outpaint48.png"), nrow=8)
+        save_image(
+            torch.cat([torch.nn.functional.pad(x, (8, 8, 8, 8), value=0.5), wide]),
+            os.path.join(out, "outpaint48.png"),
+            nrow=8,
+        )
         return {}
 
     def agreement_stage():
         r = ev.class_agreement(mage_dir, judge_dir, plan["agreement_per_class"], gen_sampler, seed=2)
-        return {"agreement": r["agreement"], "per_class": r["per_class"], "num": r["num"],
-                "judge_test_accuracy": r["judge_test_accuracy"], "images_per_second": r["images_per_second"]}
+        return {
+            "agreement": r["agreement"],
+            "per_class": r["per_class"],
+            "num": r["num"],
+            "judge_test_accuracy": r["judge_test_accuracy"],
+            "images_per_second": r["images_per_second"],
+        }
 
     def fid_stage():
         # N: the plan's, or what the time left allows (~4 images/s through the Inception, generated + reference)
@@ -219,59 +268,133 @@ def run_demo(out: str = "runs/demo", budget_minutes: float = 15.0, fresh: bool =
         if "fid-floor" in state or left > 1.2 * state["fid"].get("seconds", 1e9) * 0.5:
             _stage(state, state_path, "fid-floor", floor_stage)
         else:
-            print(f"[demo] fid-floor: skipped ({max(0.0, left):.0f} s left of the budget); run: mage evaluate fid --images {data} "
-                  f"--data {data} --num {state['fid']['num']}", flush=True)
+            print(
+                f"[demo] fid-floor: skipped ({max(0.0, left):.0f} s left of the budget); "
+                f"run: mage evaluate fid --images {data} "
+                f"--data {data} --num {state['fid']['num']}",
+                flush=True,
+            )
     except ev.MageError as e:
         print(f"[demo] fid: skipped ({e})", flush=True)
     for src, dst in ((os.path.join(mage_dir, "curve.png"), "mage_curve.png"),):
         if os.path.isfile(src):
             shutil.copy(src, os.path.join(out, dst))
-    return write_report(out, state, {"tokenizer": dataclasses.asdict(tcfg), "mage": dataclasses.asdict(mcfg), "plan": plan,
-                                     "generation": dataclasses.asdict(gen_sampler),
-                                     "fid_generation": dataclasses.asdict(fid_sampler)}, time.time() - t0, budget_minutes)
+    return write_report(
+        out,
+        state,
+        {
+            "tokenizer": dataclasses.asdict(tcfg),
+            "mage": dataclasses.asdict(mcfg),
+            "plan": plan,
+            "generation": dataclasses.asdict(gen_sampler),
+            "fid_generation": dataclasses.asdict(fid_sampler),
+        },
+        time.time() - t0,
+        budget_minutes,
+    )
 
 
 def write_report(out: str, state: dict[str, Any], configs: dict[str, Any], seconds: float, budget: float) -> str:
     nan = float("nan")
     tok, mage, rec = state.get("tokenizer", {}), state.get("mage", {}), state.get("recognition", {})
-    agr, fid, floor, judge = state.get("agreement", {}), state.get("fid", {}), state.get("fid-floor", {}), state.get("judge", {})
+    agr, fid, floor, judge = (
+        state.get("agreement", {}),
+        state.get("fid", {}),
+        state.get("fid-floor", {}),
+        state.get("judge", {}),
+    )
     rows = [
-        ("Tokenizer test PSNR (dB)", f"{tok.get('test_psnr', nan):.2f}", "", f"{tok.get('test_images', 0)} test images; goal >= 24"),
+        (
+            "Tokenizer test PSNR (dB)",
+            f"{tok.get('test_psnr', nan):.2f}",
+            "",
+            f"{tok.get('test_images', 0)} test images; goal >= 24",
+        ),
         ("Tokenizer codebook usage (%)", f"{tok.get('test_usage', nan):.1f}", "", "goal >= 90"),
-        ("MAGE final loss / masked-token accuracy", f"{mage.get('loss', nan):.3f} / {100 * mage.get('acc', nan):.1f}%", "",
-         "label-smoothed CE on masked tokens"),
-        ("Linear probe top-1 (%)", f"{rec.get('linear', nan):.2f}", f"{rec.get('pixels_linear', nan):.2f}",
-         f"frozen features of {rec.get('train_images', 0)} train images; goal >= 91"),
-        ("10-shot top-1 (%)", f"{rec.get('shot10', nan):.2f} +- {rec.get('shot10_std', nan):.2f}", f"{rec.get('pixels_shot10', nan):.2f}",
-         "logistic regression, 5 draws; goal >= 80"),
+        (
+            "MAGE final loss / masked-token accuracy",
+            f"{mage.get('loss', nan):.3f} / {100 * mage.get('acc', nan):.1f}%",
+            "",
+            "label-smoothed CE on masked tokens",
+        ),
+        (
+            "Linear probe top-1 (%)",
+            f"{rec.get('linear', nan):.2f}",
+            f"{rec.get('pixels_linear', nan):.2f}",
+            f"frozen features of {rec.get('train_images', 0)} train images; goal >= 91",
+        ),
+        (
+            "10-shot top-1 (%)",
+            f"{rec.get('shot10', nan):.2f} +- {rec.get('shot10_std', nan):.2f}",
+            f"{rec.get('pixels_shot10', nan):.2f}",
+            "logistic regression, 5 draws; goal >= 80",
+        ),
         ("1-shot top-1 (%)", f"{rec.get('shot1', nan):.2f}", f"{rec.get('pixels_shot1', nan):.2f}", "5 draws"),
-        ("Class agreement (%)", f"{agr.get('agreement', nan):.2f}", "",
-         f"{agr.get('num', 0)} class-conditional samples judged by a CNN with {judge.get('test_accuracy', nan):.2f}% test accuracy; goal >= 95"),
-        (f"FID (N = {fid.get('num', 0)})", f"{fid.get('fid', nan):.2f}", (f"{floor['fid']:.2f} (real train images)" if "fid" in floor else
-                                                           f"floor skipped (budget): mage evaluate fid --images fashion-mnist --data fashion-mnist --num {fid.get('num', 0)}"),
-         "Inception-v3 (FID weights) vs the test split; goal <= 10 at N = 5000"),
-        ("KID / precision / recall", f"{fid.get('kid', nan):.4f} / {fid.get('precision', nan):.3f} / {fid.get('recall', nan):.3f}", "", ""),
+        (
+            "Class agreement (%)",
+            f"{agr.get('agreement', nan):.2f}",
+            "",
+            f"{agr.get('num', 0)} class-conditional samples judged by a CNN with "
+            f"{judge.get('test_accuracy', nan):.2f}% test accuracy; goal >= 95",
+        ),
+        (
+            f"FID (N = {fid.get('num', 0)})",
+            f"{fid.get('fid', nan):.2f}",
+            (
+                f"{floor['fid']:.2f} (real train images)"
+                if "fid" in floor
+                else "floor skipped (budget): mage evaluate fid --images fashion-mnist --data fashion-mnist "
+                f"--num {fid.get('num', 0)}"
+            ),
+            "Inception-v3 (FID weights) vs the test split; goal <= 10 at N = 5000",
+        ),
+        (
+            "KID / precision / recall",
+            f"{fid.get('kid', nan):.4f} / {fid.get('precision', nan):.3f} / {fid.get('recall', nan):.3f}",
+            "",
+            "",
+        ),
     ]
     timings = [(k, f"{v['seconds']:.0f} s") for k, v in state.items()]
-    versions = f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}, {torch.get_num_threads()} threads"
-    images = [("Unconditional samples", "samples_uncond.png"), ("10 samples per class (one row per class)", "samples_per_class.png"),
-              ("Inpainting: test images, 25% box removed, filled (remove), filled with another class (replace)", "inpaint.png"),
-              ("Outpainting 16 -> 32 px: test images, centre crops, uncropped", "outpaint.png"),
-              ("Outpainting 32 -> 48 px (overlapping 32 x 32 tiles): test images, extended", "outpaint48.png"),
-              ("Tokenizer: test images (top) and reconstructions (bottom)", "reconstructions.png"),
-              ("MAGE pre-training curve", "mage_curve.png")]
-    md = ["# mage demo report\n", f"Fashion-MNIST, `fmnist-32` presets, budget {budget:.0f} min, ran {seconds / 60:.1f} min. {versions}\n",
-          "| metric | MAGE | baseline | note |", "|---|---|---|---|"] + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    versions = (
+        f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    images = [
+        ("Unconditional samples", "samples_uncond.png"),
+        ("10 samples per class (one row per class)", "samples_per_class.png"),
+        (
+            "Inpainting: test images, 25% box removed, filled (remove), filled with another class (replace)",
+            "inpaint.png",
+        ),
+        ("Outpainting 16 -> 32 px: test images, centre crops, uncropped", "outpaint.png"),
+        ("Outpainting 32 -> 48 px (overlapping 32 x 32 tiles): test images, extended", "outpaint48.png"),
+        ("Tokenizer: test images (top) and reconstructions (bottom)", "reconstructions.png"),
+        ("MAGE pre-training curve", "mage_curve.png"),
+    ]
+    md = [
+        "# mage demo report\n",
+        f"Fashion-MNIST, `fmnist-32` presets, budget {budget:.0f} min, ran {seconds / 60:.1f} min. {versions}\n",
+        "| metric | MAGE | baseline | note |",
+        "|---|---|---|---|",
+    ] + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     md += ["", "| stage | time |", "|---|---|"] + [f"| {a} | {b} |" for a, b in timings] + [""]
     md += [f"## {t}\n\n![{t}]({f})\n" for t, f in images if os.path.isfile(os.path.join(out, f))]
     md += ["## Configs\n", "```json", json.dumps(configs, indent=2), "```"]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(md))
-    h = ["<html><head><meta charset='utf-8'><title>mage demo</title><style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
-         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}img{image-rendering:pixelated;max-width:100%}</style></head><body>",
-         f"<h1>mage demo report</h1><p>Fashion-MNIST, fmnist-32 presets, budget {budget:.0f} min, ran {seconds / 60:.1f} min. {html.escape(versions)}</p>",
-         "<table><tr><th>metric</th><th>MAGE</th><th>baseline</th><th>note</th></tr>"]
-    h += [f"<tr><td>{a}</td><td>{b}</td><td>{html.escape(c)}</td><td>{html.escape(d)}</td></tr>" for a, b, c, d in rows] + ["</table>"]
+    h = [
+        "<html><head><meta charset='utf-8'><title>mage demo</title>"
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "img{image-rendering:pixelated;max-width:100%}</style></head><body>",
+        f"<h1>mage demo report</h1><p>Fashion-MNIST, fmnist-32 presets, budget {budget:.0f} min, "
+        f"ran {seconds / 60:.1f} min. {html.escape(versions)}</p>",
+        "<table><tr><th>metric</th><th>MAGE</th><th>baseline</th><th>note</th></tr>",
+    ]
+    h += [
+        f"<tr><td>{a}</td><td>{b}</td><td>{html.escape(c)}</td><td>{html.escape(d)}</td></tr>" for a, b, c, d in rows
+    ] + ["</table>"]
     h += ["<h2>Timings</h2><table>"] + [f"<tr><td>{a}</td><td>{b}</td></tr>" for a, b in timings] + ["</table>"]
     h += [f"<h2>{t}</h2><img src='{f}' width='600'>" for t, f in images if os.path.isfile(os.path.join(out, f))]
     h += [f"<h2>Configs</h2><pre>{html.escape(json.dumps(configs, indent=2))}</pre></body></html>"]

@@ -32,8 +32,18 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import seeding
-from .checkpoint import (CONFIG, clean_partial, load_config, load_strict, load_train_state, load_weights, refuse_overwrite,
-                         remove_tree, save_checkpoint, step_dirs)
+from .checkpoint import (
+    CONFIG,
+    clean_partial,
+    load_config,
+    load_strict,
+    load_train_state,
+    load_weights,
+    refuse_overwrite,
+    remove_tree,
+    save_checkpoint,
+    step_dirs,
+)
 from .compiling import CompiledStep
 from .distributed import DistInfo, all_reduce_mean, barrier, max_over_ranks
 from .errors import MageError
@@ -94,7 +104,9 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+        self.shadow = {
+            k: v.detach().float().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point
+        }
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -122,30 +134,30 @@ class LoopSettings:
     warmup_steps: int = 0
     min_lr: float = 0.0
     max_minutes: float = 0.0
-    grad_clip: float = 0.0           # 0 = no clipping (the norm is still computed: non-finite steps are skipped)
-    accum: int = 1                   # micro-batches per optimizer step
+    grad_clip: float = 0.0  # 0 = no clipping (the norm is still computed: non-finite steps are skipped)
+    accum: int = 1  # micro-batches per optimizer step
     ema_decay: float = 0.0
     compile: str = ""
     log_every: int = 20
     ckpt_every: int = 1000
     seed: int = 0
     keep_last: int = 2
-    max_bad_steps: int = 5           # non-finite steps in a row before the run stops
+    max_bad_steps: int = 5  # non-finite steps in a row before the run stops
 
 
 class Task:
     """One trainer: what ``fit`` needs to know about it. Subclasses set the attributes and override the methods."""
 
     name = "train"
-    config: Any = None               # saved as config.json beside the weights
-    model: nn.Module                 # its state_dict is the checkpoint's model.safetensors (and the EMA's)
-    net: nn.Module                   # what ``loss`` calls: the model, DDP-wrapped (``fit`` may compile it)
-    synced: list[nn.Module] = []     # DDP modules (gradient all-reduce skipped on all but the last micro-batch)
+    config: Any = None  # saved as config.json beside the weights
+    model: nn.Module  # its state_dict is the checkpoint's model.safetensors (and the EMA's)
+    net: nn.Module  # what ``loss`` calls: the model, DDP-wrapped (``fit`` may compile it)
+    synced: list[nn.Module] = []  # DDP modules (gradient all-reduce skipped on all but the last micro-batch)
     optimizers: dict[str, torch.optim.Optimizer] = {}
-    global_batch: int = 0            # images per optimizer step over all ranks (for images/s)
-    curve: tuple[str, ...] = ()      # log keys plotted in OUT/curve.png
-    progress: float = 0.0            # share of the run done when the current step started (set by ``fit``)
-    run_args: dict[str, Any] = {}    # where the data came from: OUT/run.json, so ``--resume`` needs only --out
+    global_batch: int = 0  # images per optimizer step over all ranks (for images/s)
+    curve: tuple[str, ...] = ()  # log keys plotted in OUT/curve.png
+    progress: float = 0.0  # share of the run done when the current step started (set by ``fit``)
+    run_args: dict[str, Any] = {}  # where the data came from: OUT/run.json, so ``--resume`` needs only --out
 
     def batches(self, start: int, end: int) -> Iterator[tuple[int, Any]]:
         """(step, this rank's batch) for steps start .. end - 1."""
@@ -198,7 +210,7 @@ class RunLock:
     killed run never leaves a stale one behind; a POSIX record lock (``lockf``) belongs to the process alone, so
     DataLoader workers forked from a killed run do not keep holding it while they wind down."""
 
-    _held: set[str] = set()          # a process's own record locks do not exclude each other: track them here
+    _held: set[str] = set()  # a process's own record locks do not exclude each other: track them here
 
     def __init__(self, out: str):
         import fcntl
@@ -253,6 +265,7 @@ def _cut_log(path: str, step: int) -> None:
 def plot_curve(log_path: str, png: str, keys: tuple[str, ...]) -> None:
     """One panel per logged key against step (``%`` for accuracies)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -277,11 +290,16 @@ def check_resume_config(out: str, saved: Any, cfg: Any) -> None:
     ``RESUMABLE_CHANGES``) is a one-line error naming the fields."""
     if type(saved) is not type(cfg):
         raise MageError(f"cannot resume {out}: it holds a {type(saved).__name__} run, not a {type(cfg).__name__} one")
-    diff = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
-            if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)]
+    diff = [
+        f"{f.name} {getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r}"
+        for f in dataclasses.fields(cfg)
+        if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)
+    ]
     if diff:
-        raise MageError(f"cannot resume {out}: its run has other settings ({', '.join(diff)}); leave them out to "
-                        f"use the run's own (only {', '.join(RESUMABLE_CHANGES)} may change), or choose another --out")
+        raise MageError(
+            f"cannot resume {out}: its run has other settings ({', '.join(diff)}); leave them out to "
+            f"use the run's own (only {', '.join(RESUMABLE_CHANGES)} may change), or choose another --out"
+        )
 
 
 def _newest_readable(out: str, device: torch.device) -> tuple[int, str, dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -294,16 +312,24 @@ def _newest_readable(out: str, device: torch.device) -> tuple[int, str, dict[str
             load_config(os.path.join(path, CONFIG))
             return step, path, weights, state
         except MageError as e:
-            warnings.warn(f"checkpoint {path} is unreadable ({e}); resuming from the one before it", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"checkpoint {path} is unreadable ({e}); resuming from the one before it", RuntimeWarning, stacklevel=3
+            )
     return None
 
 
 # --------------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------------
-def fit(task: Task, s: LoopSettings, info: DistInfo, out: str | None = None, resume: bool = False,
-        progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+def fit(
+    task: Task,
+    s: LoopSettings,
+    info: DistInfo,
+    out: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> dict[str, Any]:
     """Train ``task`` for ``s.total_steps`` optimizer steps (or until ``s.max_minutes``), checkpointing into
     ``out`` (None: in memory only, no checkpoints or log). ``stop_at`` ends the run at that step with a
     checkpoint, as an interruption would. Returns the last logged metrics, ``step``, ``minutes``, ``skipped``."""
@@ -319,8 +345,17 @@ def fit(task: Task, s: LoopSettings, info: DistInfo, out: str | None = None, res
             lock.release()
 
 
-def _fit(task: Task, s: LoopSettings, info: DistInfo, dev: torch.device, out: str | None, main: bool, resume: bool,
-         progress: bool, stop_at: int | None) -> dict[str, Any]:
+def _fit(
+    task: Task,
+    s: LoopSettings,
+    info: DistInfo,
+    dev: torch.device,
+    out: str | None,
+    main: bool,
+    resume: bool,
+    progress: bool,
+    stop_at: int | None,
+) -> dict[str, Any]:
     sched = Schedule(s.lr, s.total_steps, s.warmup_steps, s.min_lr, s.max_minutes)
     ema = EMA(task.model, s.ema_decay) if s.ema_decay > 0 else None
     start, elapsed0, skipped, last_good = 0, 0.0, 0, None
@@ -348,16 +383,22 @@ def _fit(task: Task, s: LoopSettings, info: DistInfo, dev: torch.device, out: st
             task.on_start(out)
     runner = CompiledStep(task.net, s.compile, info.is_main)
     log = open(os.path.join(out, "log.jsonl"), "a") if main else None
-    bar = tqdm(total=s.total_steps, initial=start, desc=task.name, disable=not (progress and info.is_main),
-               dynamic_ncols=True, leave=out is not None)
+    bar = tqdm(
+        total=s.total_steps,
+        initial=start,
+        desc=task.name,
+        disable=not (progress and info.is_main),
+        dynamic_ncols=True,
+        leave=out is not None,
+    )
     t0, first_s, bad_run = time.time(), None, 0
     step, last = start, {}
 
-    def clock() -> float:                            # elapsed seconds of the whole run, the same on every rank
+    def clock() -> float:  # elapsed seconds of the whole run, the same on every rank
         e = elapsed0 + time.time() - t0
         return max_over_ranks(e, info) if s.max_minutes > 0 else e
 
-    def seed(micro: int) -> None:                   # dropout, drop-path, label dropout of this micro-batch
+    def seed(micro: int) -> None:  # dropout, drop-path, label dropout of this micro-batch
         torch.manual_seed(seeding.mix(s.seed, seeding.STEP, step, info.rank, micro))
 
     try:
@@ -369,35 +410,15 @@ def _fit(task: Task, s: LoopSettings, info: DistInfo, dev: torch.device, out: st
             task.model.train()
             for opt in task.optimizers.values():
                 opt.zero_grad(set_to_none=True)
-            sums: dict[str, torch.Tensor] = {}
             micros = task.split(batch, s.accum)
-            for i, micro in enumerate(micros):
-                sync = contextlib.ExitStack()
-                if i < len(micros) - 1:
-                    for m in task.synced:
-                        sync.enter_context(m.no_sync())
-
-                def micro_step(net: nn.Module) -> dict[str, torch.Tensor]:
-                    loss, metrics = task.loss(net, micro, step)
-                    (loss / len(micros)).backward()
-                    return metrics
-
-                def reset() -> None:                 # the compiler failed on the first call: redo it eagerly
-                    for opt in task.optimizers.values():
-                        opt.zero_grad(set_to_none=True)
-                    seed(i)
-
-                seed(i)
-                with sync:
-                    metrics = runner(micro_step, reset=reset)
-                task.net = runner.module
-                for k, v in metrics.items():
-                    v = v.detach().float()
-                    sums[k] = sums[k] + v if k in sums else v
+            sums = _backward(task, runner, micros, step, seed)
             task.reduce_grads()
-            norms = [torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
-                                                    s.grad_clip if s.grad_clip > 0 else float("inf"))
-                     for opt in task.optimizers.values()]
+            norms = [
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in opt.param_groups for p in g["params"]], s.grad_clip if s.grad_clip > 0 else float("inf")
+                )
+                for opt in task.optimizers.values()
+            ]
             finite = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()) if norms else True
             step += 1
             if finite:
@@ -406,30 +427,39 @@ def _fit(task: Task, s: LoopSettings, info: DistInfo, dev: torch.device, out: st
                     opt.step()
                 if ema is not None:
                     ema.update(task.model)
-            else:                                     # skip the update; the data moves on
+            else:  # skip the update; the data moves on
                 skipped += 1
                 bad_run += 1
                 if bad_run >= s.max_bad_steps:
-                    raise MageError(f"loss is not finite at step {step} ({bad_run} steps in a row; last good "
-                                    f"checkpoint: {last_good or 'none'}): lower the learning rate or check the data")
+                    raise MageError(
+                        f"loss is not finite at step {step} ({bad_run} steps in a row; last good "
+                        f"checkpoint: {last_good or 'none'}): lower the learning rate or check the data"
+                    )
             extra = task.after_step(step, sched.progress(step, elapsed)) if finite else {}
-            if first_s is None:                      # images/s counts from the end of the first step (warm-up)
+            if first_s is None:  # images/s counts from the end of the first step (warm-up)
                 first_s, first_step = time.time(), step
             elapsed = clock()
             stop = step == stop_at or (s.max_minutes > 0 and elapsed / 60 >= s.max_minutes)
-            if step % s.log_every == 0 or step == s.total_steps or stop:   # the last step is always logged
+            if step % s.log_every == 0 or step == s.total_steps or stop:  # the last step is always logged
                 n = len(micros)
                 last = {k: all_reduce_mean(v / n, info).item() for k, v in sums.items()}
                 last.update(extra)
                 rate = (step - first_step) * task.global_batch / max(1e-9, time.time() - first_s)
-                row = {"step": step, **last, "lr": lr, "grad_norm": float(norms[0]) if norms else 0.0,
-                       "elapsed_s": round(elapsed, 3), "images_per_s": round(rate, 2), "skipped": skipped}
+                row = {
+                    "step": step,
+                    **last,
+                    "lr": lr,
+                    "grad_norm": float(norms[0]) if norms else 0.0,
+                    "elapsed_s": round(elapsed, 3),
+                    "images_per_s": round(rate, 2),
+                    "skipped": skipped,
+                }
                 bar.set_postfix({k: f"{v:.4g}" for k, v in list(last.items())[:3]} | {"lr": f"{lr:.2e}"})
             else:
                 row = None
             if out is not None and (step % s.ckpt_every == 0 or step == s.total_steps or stop):
                 last_good = _save(task, s, info, out, step, ema, elapsed, skipped, main) or last_good
-            if row is not None and log is not None:        # after the checkpoint it describes
+            if row is not None and log is not None:  # after the checkpoint it describes
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             bar.update(1)
@@ -443,19 +473,63 @@ def _fit(task: Task, s: LoopSettings, info: DistInfo, dev: torch.device, out: st
     return {"step": step, **last, "minutes": (elapsed0 + time.time() - t0) / 60, "skipped": skipped}
 
 
-def _save(task: Task, s: LoopSettings, info: DistInfo, out: str, step: int, ema: EMA | None, elapsed: float,
-          skipped: int, main: bool) -> str | None:
+def _backward(task: Task, runner: CompiledStep, micros: list[Any], step: int, seed) -> dict[str, torch.Tensor]:
+    """Forward + backward of each micro-batch (gradients add up; DDP all-reduces on the last one only).
+    Returns the metrics summed over the micro-batches."""
+    sums: dict[str, torch.Tensor] = {}
+    for i, micro in enumerate(micros):
+        sync = contextlib.ExitStack()
+        if i < len(micros) - 1:
+            for m in task.synced:
+                sync.enter_context(m.no_sync())
+
+        def micro_step(net: nn.Module, micro=micro) -> dict[str, torch.Tensor]:
+            loss, metrics = task.loss(net, micro, step)
+            (loss / len(micros)).backward()
+            return metrics
+
+        def reset(i=i) -> None:  # the compiler failed on the first call: redo it eagerly
+            for opt in task.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            seed(i)
+
+        seed(i)
+        with sync:
+            metrics = runner(micro_step, reset=reset)
+        task.net = runner.module
+        for k, v in metrics.items():
+            v = v.detach().float()
+            sums[k] = sums[k] + v if k in sums else v
+    return sums
+
+
+def _save(
+    task: Task,
+    s: LoopSettings,
+    info: DistInfo,
+    out: str,
+    step: int,
+    ema: EMA | None,
+    elapsed: float,
+    skipped: int,
+    main: bool,
+) -> str | None:
     """Write step ``step``'s checkpoint (rank 0) and prune; a model with non-finite weights is never saved."""
     path = None
     if main:
         weights = task.model.state_dict()
         if not all(bool(torch.isfinite(v).all()) for v in weights.values() if v.dtype.is_floating_point):
             raise MageError(f"the weights are not finite at step {step}: not saved (last good checkpoint kept)")
-        state = {"step": step, "elapsed_s": elapsed, "skipped": skipped,
-                 "optimizers": {k: o.state_dict() for k, o in task.optimizers.items()},
-                 "ema": ema.shadow if ema is not None else None, "task": task.state_dict()}
+        state = {
+            "step": step,
+            "elapsed_s": elapsed,
+            "skipped": skipped,
+            "optimizers": {k: o.state_dict() for k, o in task.optimizers.items()},
+            "ema": ema.shadow if ema is not None else None,
+            "task": task.state_dict(),
+        }
         path = save_checkpoint(os.path.join(out, "checkpoints", f"step-{step:07d}"), weights, task.config, state)
-        for _, old in step_dirs(out)[:-s.keep_last] if s.keep_last > 0 else []:
+        for _, old in step_dirs(out)[: -s.keep_last] if s.keep_last > 0 else []:
             remove_tree(old)
         if ema is not None:
             save_checkpoint(os.path.join(out, "ema"), ema.weights(task.model), task.config)
@@ -472,4 +546,3 @@ def batch_count(n: int, batch: int, epochs: float, max_steps: int) -> tuple[int,
         raise MageError(f"dataset has {n} items, fewer than the global batch {batch}")
     per_epoch = n // batch
     return per_epoch, max_steps if max_steps > 0 else max(1, int(epochs * per_epoch))
-

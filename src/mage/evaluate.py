@@ -59,7 +59,10 @@ def inception_path() -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         if h.hexdigest() != INCEPTION_SHA256:
-            raise MageError(f"{path} has sha256 {h.hexdigest()[:16]}..., not the FID Inception's: reinstall with '{INCEPTION_INSTALL}'")
+            raise MageError(
+                f"{path} has sha256 {h.hexdigest()[:16]}..., not the FID Inception's: "
+                f"reinstall with '{INCEPTION_INSTALL}'"
+            )
         _CHECKED.add(path)
     return path
 
@@ -101,18 +104,27 @@ class Judge(nn.Module):
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
         w = width
-        self.body = nn.Sequential(*block(3, w), *block(w, w), nn.MaxPool2d(2),
-                                  *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-                                  *block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(
+            *block(3, w),
+            *block(w, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            *block(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
+            *block(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.drop = nn.Dropout(0.2)
         self.head = nn.Linear(4 * w, num_classes)
         self.dim = 4 * w
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(images)                                           # [B, 4w]
+        return self.body(images)  # [B, 4w]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(self.features(images)))                 # [B, C]
+        return self.head(self.drop(self.features(images)))  # [B, C]
 
 
 class JudgeFeatures(nn.Module):
@@ -132,8 +144,11 @@ class JudgeFeatures(nn.Module):
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    return x if x.shape[-1] == size and x.shape[-2] == size else F.interpolate(x, size=(size, size), mode="bilinear",
-                                                                                 align_corners=False, antialias=True)
+    return (
+        x
+        if x.shape[-1] == size and x.shape[-2] == size
+        else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    )
 
 
 def feature_network(spec: str, device: torch.device | str = "cpu") -> nn.Module:
@@ -141,13 +156,18 @@ def feature_network(spec: str, device: torch.device | str = "cpu") -> nn.Module:
     if spec == "inception":
         return InceptionFeatures(device)
     if spec.startswith("judge:"):
-        return JudgeFeatures(spec[len("judge:"):], device)
+        return JudgeFeatures(spec[len("judge:") :], device)
     raise MageError(f"unknown feature network '{spec}' (inception | judge:DIR)")
 
 
 @torch.no_grad()
-def compute_features(net: Callable[[torch.Tensor], torch.Tensor], batches, total: int | None = None,
-                     desc: str = "features", progress: bool = True) -> np.ndarray:
+def compute_features(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    batches,
+    total: int | None = None,
+    desc: str = "features",
+    progress: bool = True,
+) -> np.ndarray:
     """Features of an iterable of image batches [B,3,H,W] in [0,1] -> float64 array [N, D]."""
     out = []
     with tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="img") as bar:
@@ -185,8 +205,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
 
 
-def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+    f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Unbiased MMD^2 with k(x,y) = (x.y/d + 1)^3, mean and std over random subsets."""
     n = min(subset_size, f1.shape[0], f2.shape[0])
     if n < 2:
@@ -205,17 +226,18 @@ def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
     """Improved precision/recall: the share of fake samples inside the real k-NN manifold, and vice versa."""
+
     def radii(x: torch.Tensor) -> torch.Tensor:
         r = torch.empty(x.shape[0], dtype=x.dtype)
         for s in range(0, x.shape[0], 1024):
-            d = torch.cdist(x[s:s + 1024], x)
-            r[s:s + 1024] = d.kthvalue(k + 1, dim=1).values          # +1: the point itself is at distance 0
+            d = torch.cdist(x[s : s + 1024], x)
+            r[s : s + 1024] = d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
         return r
 
     def inside(q: torch.Tensor, ref: torch.Tensor, r: torch.Tensor) -> float:
         hits = 0
         for s in range(0, q.shape[0], 1024):
-            hits += (torch.cdist(q[s:s + 1024], ref) <= r[None]).any(1).sum().item()
+            hits += (torch.cdist(q[s : s + 1024], ref) <= r[None]).any(1).sum().item()
         return hits / q.shape[0]
 
     if real.shape[0] <= k or fake.shape[0] <= k:
@@ -243,7 +265,7 @@ def default_cache_dir() -> str:
 
 def _dataset_batches(ds, indices: list[int], batch_size: int):
     for s in range(0, len(indices), batch_size):
-        yield torch.stack([ds[i][0] for i in indices[s:s + batch_size]])
+        yield torch.stack([ds[i][0] for i in indices[s : s + batch_size]])
 
 
 def _subset(n_total: int, num: int | None, seed: int = 0) -> list[int]:
@@ -253,8 +275,16 @@ def _subset(n_total: int, num: int | None, seed: int = 0) -> list[int]:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:num].sort().values.tolist()
 
 
-def dataset_features(net, data: str, split: str, num: int | None, image_size: int, data_dir: str | None = None,
-                     batch_size: int = 50, progress: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+def dataset_features(
+    net,
+    data: str,
+    split: str,
+    num: int | None,
+    image_size: int,
+    data_dir: str | None = None,
+    batch_size: int = 50,
+    progress: bool = True,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Features of ``num`` images of a dataset split (a fixed seeded subset) and the protocol record."""
     from .data import load_dataset
 
@@ -264,17 +294,40 @@ def dataset_features(net, data: str, split: str, num: int | None, image_size: in
     return feats, {"data": data, "split": split, "num": len(idx), "image_size": image_size}
 
 
-def reference_stats(net, data: str, split: str = "test", num: int | None = 5000, image_size: int = 32,
-                    data_dir: str | None = None, cache_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+def reference_stats(
+    net,
+    data: str,
+    split: str = "test",
+    num: int | None = 5000,
+    image_size: int = 32,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """mu, sigma and features of a dataset split; computed once and cached as .npz (protocol recorded)."""
     cache_dir = cache_dir or default_cache_dir()
-    key = json.dumps({"net": net.name, "data": data, "data_dir": data_dir, "split": split, "num": num,
-                      "image_size": image_size, "resize": "bilinear-299" if isinstance(net, InceptionFeatures) else "judge"},
-                     sort_keys=True)
+    key = json.dumps(
+        {
+            "net": net.name,
+            "data": data,
+            "data_dir": data_dir,
+            "split": split,
+            "num": num,
+            "image_size": image_size,
+            "resize": "bilinear-299" if isinstance(net, InceptionFeatures) else "judge",
+        },
+        sort_keys=True,
+    )
     path = os.path.join(cache_dir, "fid-stats", hashlib.sha1(key.encode()).hexdigest()[:16] + ".npz")
     if os.path.isfile(path):
         z = np.load(path, allow_pickle=False)
-        return {"mu": z["mu"], "sigma": z["sigma"], "features": z["features"], "protocol": json.loads(str(z["protocol"])), "cache": path}
+        return {
+            "mu": z["mu"],
+            "sigma": z["sigma"],
+            "features": z["features"],
+            "protocol": json.loads(str(z["protocol"])),
+            "cache": path,
+        }
     feats, proto = dataset_features(net, data, split, num, image_size, data_dir, progress=progress)
     proto["feature_network"] = net.name
     mu, sigma = gaussian_stats(feats)
@@ -296,8 +349,12 @@ def load_stats_file(path: str) -> dict[str, Any]:
     if "mu" not in z.files or "sigma" not in z.files:
         raise MageError(f"{path} has no 'mu' and 'sigma' arrays (it has: {', '.join(z.files)})")
     feats = z["features"] if "features" in z.files else None
-    return {"mu": z["mu"], "sigma": z["sigma"], "features": feats,
-            "protocol": {"stats_file": os.path.abspath(path), "num": int(feats.shape[0]) if feats is not None else None}}
+    return {
+        "mu": z["mu"],
+        "sigma": z["sigma"],
+        "features": feats,
+        "protocol": {"stats_file": os.path.abspath(path), "num": int(feats.shape[0]) if feats is not None else None},
+    }
 
 
 def folder_stats(net, folder: str, image_size: int, num: int | None = None, progress: bool = True) -> dict[str, Any]:
@@ -312,8 +369,16 @@ def folder_stats(net, folder: str, image_size: int, num: int | None = None, prog
 # --------------------------------------------------------------------------------------------------
 # generated images (sharded across torchrun ranks)
 # --------------------------------------------------------------------------------------------------
-def generated_features(pipe, net, num: int, sampler, seed: int = 0, class_conditional: bool = False,
-                       batch_size: int = 50, progress: bool = True) -> np.ndarray:
+def generated_features(
+    pipe,
+    net,
+    num: int,
+    sampler,
+    seed: int = 0,
+    class_conditional: bool = False,
+    batch_size: int = 50,
+    progress: bool = True,
+) -> np.ndarray:
     """Features of ``num`` generated images. Chunk c (of ``batch_size``) uses seed + c and goes to rank
     c % world, so the set of images is the same for any number of ranks; features are gathered on all ranks.
     Class-conditional: labels cycle through the classes (balanced)."""
@@ -326,8 +391,13 @@ def generated_features(pipe, net, num: int, sampler, seed: int = 0, class_condit
     chunks = [(c, s, min(batch_size, num - s)) for c, s in enumerate(range(0, num, batch_size))]
     mine = [ch for ch in chunks if ch[0] % info.world == info.rank]
     local: dict[int, np.ndarray] = {}
-    with tqdm(total=sum(n for _, _, n in mine), desc="generate + features", disable=not progress or not info.is_main,
-              leave=False, unit="img") as bar:
+    with tqdm(
+        total=sum(n for _, _, n in mine),
+        desc="generate + features",
+        disable=not progress or not info.is_main,
+        leave=False,
+        unit="img",
+    ) as bar:
         for c, s, n in mine:
             labels = (torch.arange(s, s + n) % C) if class_conditional else None
             tokens = pipe.generate_tokens(n, labels, sampler, seed + c, n)
@@ -335,6 +405,7 @@ def generated_features(pipe, net, num: int, sampler, seed: int = 0, class_condit
             bar.update(n)
     if info.enabled:
         import torch.distributed as dist
+
         parts: list[dict[int, np.ndarray]] = [None] * info.world  # type: ignore[list-item]
         dist.all_gather_object(parts, local)
         for p in parts:
@@ -342,11 +413,27 @@ def generated_features(pipe, net, num: int, sampler, seed: int = 0, class_condit
     return np.concatenate([local[c] for c, _, _ in chunks])
 
 
-def evaluate_fid(model: str | None = None, data: str = "fashion-mnist", num: int = 5000, class_conditional: bool = False,
-                 sampler=None, seed: int = 0, features: str = "inception", ref_split: str = "test", ref_num: int | None = None,
-                 ref_stats: str | None = None, ref_dir: str | None = None, images: str | None = None, images_split: str = "train",
-                 data_dir: str | None = None, batch_size: int = 50, cache_dir: str | None = None, progress: bool = True,
-                 image_size: int | None = None, weights: str = "fp32") -> dict[str, Any]:
+def evaluate_fid(
+    model: str | None = None,
+    data: str = "fashion-mnist",
+    num: int = 5000,
+    class_conditional: bool = False,
+    sampler=None,
+    seed: int = 0,
+    features: str = "inception",
+    ref_split: str = "test",
+    ref_num: int | None = None,
+    ref_stats: str | None = None,
+    ref_dir: str | None = None,
+    images: str | None = None,
+    images_split: str = "train",
+    data_dir: str | None = None,
+    batch_size: int = 50,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    image_size: int | None = None,
+    weights: str = "fp32",
+) -> dict[str, Any]:
     """FID (+ KID, precision/recall) of a model's samples, or of real ``images`` (the floor), against a reference.
     ``weights``: how the model samples (:meth:`MAGEPipeline.from_pretrained`).
 
@@ -369,10 +456,13 @@ def evaluate_fid(model: str | None = None, data: str = "fashion-mnist", num: int
     pipe = None
     if model is not None:
         from .pipeline import MAGEPipeline
+
         pipe = MAGEPipeline.from_pretrained(model, weights=weights)
         if image_size not in (None, pipe.tokenizer.config.image_size):
-            raise MageError(f"--image-size {image_size} differs from the model's resolution "
-                            f"({pipe.tokenizer.config.image_size}); leave it out with --model")
+            raise MageError(
+                f"--image-size {image_size} differs from the model's resolution "
+                f"({pipe.tokenizer.config.image_size}); leave it out with --model"
+            )
         image_size = pipe.tokenizer.config.image_size
     elif image_size is None:
         image_size = JudgeFeatures(features[6:]).meta["image_size"] if features.startswith("judge:") else 32
@@ -388,18 +478,36 @@ def evaluate_fid(model: str | None = None, data: str = "fashion-mnist", num: int
     t_ref = time.time() - t0
     if pipe is not None:
         feats = generated_features(pipe, net, num, sampler, seed, class_conditional, batch_size, progress)
-        source = {"model": os.path.abspath(model), "num": num, "seed": seed, "class_conditional": class_conditional,
-                  "sampler": {"steps": sampler.steps, "temperature": sampler.temperature,
-                              "choice_temperature": sampler.choice_temperature, "schedule": sampler.schedule,
-                              "cfg": sampler.cfg, "cfg_schedule": sampler.cfg_schedule}}
+        source = {
+            "model": os.path.abspath(model),
+            "num": num,
+            "seed": seed,
+            "class_conditional": class_conditional,
+            "sampler": {
+                "steps": sampler.steps,
+                "temperature": sampler.temperature,
+                "choice_temperature": sampler.choice_temperature,
+                "schedule": sampler.schedule,
+                "cfg": sampler.cfg,
+                "cfg_schedule": sampler.cfg_schedule,
+            },
+        }
     else:
         feats, source = dataset_features(net, images, images_split, num, image_size, data_dir, batch_size, progress)
         source = {"images": images, **source}
     scores = compare(ref, feats)
-    return {**scores, "feature_network": net.name, "label": "FID" if features == "inception" else "FID-like (judge)",
-            "generated": source, "reference": {k: v for k, v in ref["protocol"].items()},
-            "preprocessing": "uint8 levels, bilinear to 299x299, (x-128)/128" if features == "inception" else "uint8 levels, judge input size",
-            "seconds": round(time.time() - t0, 1), "reference_seconds": round(t_ref, 1)}
+    return {
+        **scores,
+        "feature_network": net.name,
+        "label": "FID" if features == "inception" else "FID-like (judge)",
+        "generated": source,
+        "reference": {k: v for k, v in ref["protocol"].items()},
+        "preprocessing": "uint8 levels, bilinear to 299x299, (x-128)/128"
+        if features == "inception"
+        else "uint8 levels, judge input size",
+        "seconds": round(time.time() - t0, 1),
+        "reference_seconds": round(t_ref, 1),
+    }
 
 
 def _image_size_of(spec: str, default: int) -> int:
@@ -410,11 +518,23 @@ def _image_size_of(spec: str, default: int) -> int:
 def fid_line(r: dict[str, Any]) -> str:
     """One line naming the protocol."""
     g, ref = r["generated"], r["reference"]
-    what = (f"{g['num']} samples of {g['model']}" + (f" (class-conditional, cfg {g['sampler']['cfg']}, {g['sampler']['steps']} steps,"
-            f" temp {g['sampler']['temperature']}, choice temp {g['sampler']['choice_temperature']})" if g['class_conditional'] else
-            f" ({g['sampler']['steps']} steps, temp {g['sampler']['temperature']}, choice temp {g['sampler']['choice_temperature']})")
-            if "model" in g else f"{g['num']} real images of {g['images']}:{g['split']}")
-    refd = (f"{ref.get('num')} images of {ref['data']}:{ref['split']}" if "data" in ref else f"stats {ref.get('stats_file')}")
+    what = (
+        f"{g['num']} samples of {g['model']}"
+        + (
+            f" (class-conditional, cfg {g['sampler']['cfg']}, {g['sampler']['steps']} steps,"
+            f" temp {g['sampler']['temperature']}, choice temp {g['sampler']['choice_temperature']})"
+            if g["class_conditional"]
+            else f" ({g['sampler']['steps']} steps, temp {g['sampler']['temperature']}, "
+            f"choice temp {g['sampler']['choice_temperature']})"
+        )
+        if "model" in g
+        else f"{g['num']} real images of {g['images']}:{g['split']}"
+    )
+    refd = (
+        f"{ref.get('num')} images of {ref['data']}:{ref['split']}"
+        if "data" in ref
+        else f"stats {ref.get('stats_file')}"
+    )
     extra = ""
     if "kid" in r:
         extra = f", KID {r['kid']:.5f} +- {r['kid_std']:.5f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}"
@@ -432,10 +552,14 @@ def _augment(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
     xp = F.pad(x, (pad, pad, pad, pad))
     dx = torch.randint(0, 2 * pad + 1, (B,), generator=g)
     dy = torch.randint(0, 2 * pad + 1, (B,), generator=g)
-    rows = (dy[:, None] + torch.arange(H)[None])                              # [B, H]
-    cols = (dx[:, None] + torch.arange(W)[None])                              # [B, W]
-    return xp[torch.arange(B)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
-              rows[:, None, :, None], cols[:, None, None, :]]
+    rows = dy[:, None] + torch.arange(H)[None]  # [B, H]
+    cols = dx[:, None] + torch.arange(W)[None]  # [B, W]
+    return xp[
+        torch.arange(B)[:, None, None, None],
+        torch.arange(x.shape[1])[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
 
 
 class JudgeTask(Task):
@@ -464,9 +588,20 @@ class JudgeTask(Task):
         return loss, {"loss": loss}
 
 
-def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_size: int = 128, lr: float = 2e-3,
-                image_size: int = 32, max_minutes: float = 0.0, data_dir: str | None = None, seed: int = 0,
-                progress: bool = True, through_tokenizer: str | None = None) -> dict[str, Any]:
+def train_judge(
+    data: str,
+    out: str,
+    epochs: float = 4,
+    width: int = 32,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    image_size: int = 32,
+    max_minutes: float = 0.0,
+    data_dir: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    through_tokenizer: str | None = None,
+) -> dict[str, Any]:
     """Train the judge CNN on a labelled dataset's train split; report and save its test accuracy.
 
     ``through_tokenizer``: train and test on the tokenizer's reconstructions (encode -> decode) instead of the
@@ -487,13 +622,14 @@ def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_s
     if tr.classes is None:
         raise MageError(f"{data} has no labels: the judge needs a labelled dataset")
 
-    def images(ds, split: str) -> torch.Tensor:                                 # [N, 3, S, S] in [0, 1]
+    def images(ds, split: str) -> torch.Tensor:  # [N, 3, S, S] in [0, 1]
         if tok is None:
             return torch.stack([ds[i][0] for i in range(len(ds))])
         from .recognition import map_batches
 
-        return map_batches(ds, lambda b: tok.decode(tok.encode(b.to(dev))).clamp(0, 1).cpu(), 500,
-                           f"reconstruct {split}", progress)
+        return map_batches(
+            ds, lambda b: tok.decode(tok.encode(b.to(dev))).clamp(0, 1).cpu(), 500, f"reconstruct {split}", progress
+        )
 
     x = images(tr, "train")
     y = tr.labels()
@@ -502,19 +638,38 @@ def train_judge(data: str, out: str, epochs: float = 4, width: int = 32, batch_s
     steps = max(1, int(epochs * len(x) / batch_size))
     task = JudgeTask(net, x, y, min(batch_size, len(x)), seed)
     t0 = time.time()
-    res = fit(task, LoopSettings(total_steps=steps, lr=lr, warmup_steps=max(1, min(100, steps // 10)),
-                                 max_minutes=max_minutes, log_every=50, seed=seed), DistInfo(device=dev), progress=progress)
+    res = fit(
+        task,
+        LoopSettings(
+            total_steps=steps,
+            lr=lr,
+            warmup_steps=max(1, min(100, steps // 10)),
+            max_minutes=max_minutes,
+            log_every=50,
+            seed=seed,
+        ),
+        DistInfo(device=dev),
+        progress=progress,
+    )
     step = res["step"]
     net.eval()
     xt = images(te, "test")
     with torch.no_grad():
-        pred = torch.cat([net(xt[s:s + 500].to(dev)).argmax(1).cpu() for s in range(0, len(xt), 500)])
+        pred = torch.cat([net(xt[s : s + 500].to(dev)).argmax(1).cpu() for s in range(0, len(xt), 500)])
     acc = 100.0 * (pred == te.labels()).float().mean().item()
-    meta = {"data": data, "classes": tr.classes, "image_size": image_size, "width": width, "test_accuracy": acc,
-            "steps": step, "seconds": round(time.time() - t0, 1),
-            "through_tokenizer": os.path.abspath(through_tokenizer) if through_tokenizer else None}
+    meta = {
+        "data": data,
+        "classes": tr.classes,
+        "image_size": image_size,
+        "width": width,
+        "test_accuracy": acc,
+        "steps": step,
+        "seconds": round(time.time() - t0, 1),
+        "through_tokenizer": os.path.abspath(through_tokenizer) if through_tokenizer else None,
+    }
     os.makedirs(out, exist_ok=True)
     from safetensors.torch import save_file
+
     tmp = os.path.join(out, "judge.safetensors.tmp")
     save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, tmp)
     os.replace(tmp, os.path.join(out, "judge.safetensors"))
@@ -527,14 +682,24 @@ def load_judge(path: str, device: torch.device | str = "cpu") -> tuple[Judge, di
     if not (os.path.isfile(mpath) and os.path.isfile(wpath)):
         raise MageError(f"no judge at {path}: train one with 'mage evaluate train-judge --data D --out {path}'")
     from safetensors.torch import load_file
+
     meta = json.load(open(mpath))
     net = Judge(len(meta["classes"]), meta["width"])
     net.load_state_dict(load_file(wpath))
     return net.to(device).eval(), meta
 
 
-def class_agreement(model: str, judge: str, per_class: int = 100, sampler=None, seed: int = 0, batch_size: int = 100,
-                    grid: str | None = None, progress: bool = True, weights: str = "fp32") -> dict[str, Any]:
+def class_agreement(
+    model: str,
+    judge: str,
+    per_class: int = 100,
+    sampler=None,
+    seed: int = 0,
+    batch_size: int = 100,
+    grid: str | None = None,
+    progress: bool = True,
+    weights: str = "fp32",
+) -> dict[str, Any]:
     """Share of class-conditional samples (per_class of every class) that the judge assigns to the intended class."""
     from .pipeline import MAGEPipeline
     from .sampler import SamplerConfig
@@ -551,10 +716,12 @@ def class_agreement(model: str, judge: str, per_class: int = 100, sampler=None, 
     t0 = time.time()
     preds, keep = [], []
     for b, s in enumerate(tqdm(range(0, len(labels), batch_size), desc="agreement", disable=not progress, leave=False)):
-        lab = labels[s:s + batch_size]
+        lab = labels[s : s + batch_size]
         images = pipe.decode(pipe.generate_tokens(len(lab), lab, sampler, seed + b, len(lab)))
         with torch.no_grad():
-            preds.append(net(to_uint8_levels(_resize(images.to(pipe.device), meta["image_size"])) / 255).argmax(1).cpu())
+            preds.append(
+                net(to_uint8_levels(_resize(images.to(pipe.device), meta["image_size"])) / 255).argmax(1).cpu()
+            )
         if grid is not None:
             keep.append(images)
     pred = torch.cat(preds)
@@ -565,10 +732,23 @@ def class_agreement(model: str, judge: str, per_class: int = 100, sampler=None, 
     confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
     if grid is not None:
         from .transforms import save_image
+
         allim = torch.cat(keep).view(C, per_class, *keep[0].shape[1:])[:, :10]
         save_image(allim.flatten(0, 1), grid, nrow=allim.shape[1])
-    return {"agreement": 100.0 * hit.float().mean().item(), "per_class": per, "confusion": confusion.tolist(),
-            "num": len(labels), "judge": os.path.abspath(judge), "judge_test_accuracy": meta["test_accuracy"],
-            "sampler": {"steps": sampler.steps, "temperature": sampler.temperature,
-                        "choice_temperature": sampler.choice_temperature, "cfg": sampler.cfg, "cfg_schedule": sampler.cfg_schedule},
-            "seconds": round(seconds, 1), "images_per_second": round(len(labels) / seconds, 2)}
+    return {
+        "agreement": 100.0 * hit.float().mean().item(),
+        "per_class": per,
+        "confusion": confusion.tolist(),
+        "num": len(labels),
+        "judge": os.path.abspath(judge),
+        "judge_test_accuracy": meta["test_accuracy"],
+        "sampler": {
+            "steps": sampler.steps,
+            "temperature": sampler.temperature,
+            "choice_temperature": sampler.choice_temperature,
+            "cfg": sampler.cfg,
+            "cfg_schedule": sampler.cfg_schedule,
+        },
+        "seconds": round(seconds, 1),
+        "images_per_second": round(len(labels) / seconds, 2),
+    }

@@ -48,7 +48,7 @@ def apply(model: nn.Module, device: str | torch.device, training: bool) -> nn.Mo
     if training:
         swap.update({nn.Dropout: CPUDropout, Attention: ExplicitAttention})
     for m in model.modules():
-        fast = swap.get(type(m))                                                   # exact class: subclasses stay
+        fast = swap.get(type(m))  # exact class: subclasses stay
         if fast is not None:
             m.__class__ = fast
     return model
@@ -66,9 +66,9 @@ def dropout_drop_mask(shape: tuple[int, ...], p: float) -> torch.Tensor:
     ``random_`` ~4 ns), read as four uniform int16. p is rounded to a multiple of 1/65536 (0.1 -> 0.1000061);
     :func:`dropout` scales by the rounded keep rate, so E[output] = input exactly."""
     n = math.prod(shape)
-    seed = int(torch.randint(2 ** 62, ()))
-    words = np.random.PCG64DXSM(seed).random_raw(-(-n // 4)).view(np.int16)        # every bit uniform
-    threshold = round(p * 65536) - 32768                                           # int16 is uniform on [-32768, 32767]
+    seed = int(torch.randint(2**62, ()))
+    words = np.random.PCG64DXSM(seed).random_raw(-(-n // 4)).view(np.int16)  # every bit uniform
+    threshold = round(p * 65536) - 32768  # int16 is uniform on [-32768, 32767]
     return (torch.from_numpy(words[:n]) < threshold).view(shape)
 
 
@@ -80,7 +80,7 @@ def dropout(x: torch.Tensor, p: float, training: bool, inplace: bool = False) ->
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.dropout(x, p, True, inplace)
     drop = dropout_drop_mask(tuple(x.shape), p)
-    y = x.masked_fill_(drop, 0) if inplace else torch.where(drop, 0.0, x)        # no bool -> dtype copy
+    y = x.masked_fill_(drop, 0) if inplace else torch.where(drop, 0.0, x)  # no bool -> dtype copy
     return y.mul_(1.0 / (1.0 - round(p * 65536) / 65536))
 
 
@@ -105,7 +105,7 @@ class ExplicitAttention(Attention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self.training or q.device.type != "cpu" or torch.compiler.is_compiling():
             return super().attend(q, k, v)
-        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                     # [B, heads, N, N]
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, heads, N, N]
         return dropout(attn.softmax(dim=-1), self.attn_drop, True) @ v
 
 
@@ -118,9 +118,15 @@ def linear_gelu_cpu(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor | None:
     being compiled: inductor fuses on its own). Eager PyTorch otherwise writes fc1's output, copies the bias into
     it first and runs GELU as a third pass."""
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if (op is None or not FUSE_LINEAR_GELU or torch.is_grad_enabled() or x.device.type != "cpu"
-            or torch.compiler.is_compiling()
-            or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16):
+    if (
+        op is None
+        or not FUSE_LINEAR_GELU
+        or torch.is_grad_enabled()
+        or x.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or not torch.is_autocast_enabled("cpu")
+        or torch.get_autocast_dtype("cpu") != torch.bfloat16
+    ):
         return None
     b16 = torch.bfloat16
     return op(x.to(b16), fc.weight.to(b16), fc.bias.to(b16), "gelu", [], "none")

@@ -16,7 +16,7 @@ from typing import Any, Callable
 def fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:                                   # e.g. Windows: directories cannot be opened
+    except OSError:  # e.g. Windows: directories cannot be opened
         return
     try:
         os.fsync(fd)

@@ -7,7 +7,8 @@ added), the decoder and the final ``norm`` discarded, mean of the image-token ou
 label smoothing 0.1, per-iteration warm-up + cosine to min_lr, no gradient clipping.
 
 Differences, on purpose: inputs are token ids (the tokenizer stays outside the trained model), taken from a
-token cache (the image, its mirror and any crops) or tokenized on the fly from ``--data`` with random-resized-crop + flip;
+token cache (the image, its mirror and any crops) or tokenized on the fly from ``--data`` with random-resized-crop
++ flip;
 RandAugment, Mixup and CutMix are not applied (they act on pixels before the tokenizer, which a cache
 cannot replay). The same checkpoint/resume and torchrun support as pre-training.
 """
@@ -55,14 +56,14 @@ class MAGEClassifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        ids = torch.cat([torch.full_like(tokens[:, :1], self.vocab.fake_class_id), tokens], 1)   # [B, 1+L]
+        ids = torch.cat([torch.full_like(tokens[:, :1], self.vocab.fake_class_id), tokens], 1)  # [B, 1+L]
         x = self.token_emb(ids)
         for blk in self.blocks:
             x = blk(x)
-        return self.fc_norm(x[:, 1:].mean(1))                                     # [B, D]
+        return self.fc_norm(x[:, 1:].mean(1))  # [B, D]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(tokens))                                   # [B, C]
+        return self.head(self.features(tokens))  # [B, C]
 
     def load_pretrained(self, weights: dict[str, torch.Tensor], where: str) -> None:
         """Take token_emb.* and blocks.* from a pre-trained MAGE state dict (the rest is MAGE-only)."""
@@ -86,13 +87,22 @@ def layer_decay_groups(model: MAGEClassifier, weight_decay: float, layer_decay: 
             continue
         lid = 0 if n.startswith("token_emb.") else int(n.split(".")[1]) + 1 if n.startswith("blocks.") else depth + 1
         no_wd = p.ndim <= 1 or n.endswith(".bias")
-        g = groups.setdefault((lid, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
-                                             "lr_scale": layer_decay ** (depth + 1 - lid), "layer_id": lid})
+        g = groups.setdefault(
+            (lid, no_wd),
+            {
+                "params": [],
+                "weight_decay": 0.0 if no_wd else weight_decay,
+                "lr_scale": layer_decay ** (depth + 1 - lid),
+                "layer_id": lid,
+            },
+        )
         g["params"].append(p)
     return list(groups.values())
 
 
-def _test_tokens(tok: VQTokenizer, data: str, data_dir: str | None, limit: int | None, dev) -> tuple[torch.Tensor, torch.Tensor]:
+def _test_tokens(
+    tok: VQTokenizer, data: str, data_dir: str | None, limit: int | None, dev
+) -> tuple[torch.Tensor, torch.Tensor]:
     from .data import load_dataset
 
     ds = load_dataset(data, "test", tok.config.image_size, "none", data_dir, 0, limit)
@@ -104,11 +114,16 @@ def _test_tokens(tok: VQTokenizer, data: str, data_dir: str | None, limit: int |
 
 
 @torch.no_grad()
-def evaluate_tokens(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
+def evaluate_tokens(
+    model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int = 500
+) -> dict[str, float]:
     model.eval()
     dev = next(model.parameters()).device
-    logits = torch.cat([model(tokens[s:s + batch_size].to(dev)).float().cpu() for s in range(0, len(tokens), batch_size)])
+    logits = torch.cat(
+        [model(tokens[s : s + batch_size].to(dev)).float().cpu() for s in range(0, len(tokens), batch_size)]
+    )
     from .recognition import accuracy
+
     m = {"top1": accuracy(logits, labels, 1)}
     if logits.shape[1] > 5:
         m["top5"] = accuracy(logits, labels, 5)
@@ -124,18 +139,24 @@ class FinetuneTask(Task):
         self.net = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
         self.synced = [self.net] if info.enabled else []
         lr = cfg.blr * cfg.batch_size / 256
-        self.optimizers = {"model": adamw(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), info.device,
-                                          lr=lr, betas=cfg.betas)}
+        self.optimizers = {
+            "model": adamw(
+                layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), info.device, lr=lr, betas=cfg.betas
+            )
+        }
         self.global_batch = cfg.batch_size
 
     def on_start(self, out: str) -> None:
         if not os.path.isdir(os.path.join(out, "tokenizer")):
-            shutil.copytree(resolve_checkpoint(self.tok_path), os.path.join(out, "tokenizer"),
-                            ignore=shutil.ignore_patterns("train_state.pt"))
+            shutil.copytree(
+                resolve_checkpoint(self.tok_path),
+                os.path.join(out, "tokenizer"),
+                ignore=shutil.ignore_patterns("train_state.pt"),
+            )
 
     def batches(self, start, end):
         for step, tokens, labels in self.source(start, end):
-            yield step, (tokens[:, 0], labels)                          # [b, L], [b]
+            yield step, (tokens[:, 0], labels)  # [b, L], [b]
 
     def loss(self, net, batch, step):
         tokens, labels = batch
@@ -148,19 +169,40 @@ class FinetuneTask(Task):
 def settings(cfg: FinetuneConfig, n: int, accum: int = 1) -> LoopSettings:
     """The loop's settings from the recipe: warm-up in epochs, at most 10% of the run."""
     per_epoch, total = batch_count(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
-    return LoopSettings(total_steps=total, lr=cfg.blr * cfg.batch_size / 256,
-                        warmup_steps=min(int(cfg.warmup_epochs * per_epoch), max(1, total // 10)), min_lr=cfg.min_lr,
-                        max_minutes=cfg.max_minutes, grad_clip=cfg.grad_clip, accum=accum, compile=cfg.compile,
-                        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, seed=cfg.seed)
+    return LoopSettings(
+        total_steps=total,
+        lr=cfg.blr * cfg.batch_size / 256,
+        warmup_steps=min(int(cfg.warmup_epochs * per_epoch), max(1, total // 10)),
+        min_lr=cfg.min_lr,
+        max_minutes=cfg.max_minutes,
+        grad_clip=cfg.grad_clip,
+        accum=accum,
+        compile=cfg.compile,
+        log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every,
+        seed=cfg.seed,
+    )
 
 
-def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = None, cache: str | None = None,
-             data_dir: str | None = None, limit: int | None = None, resume: bool = False, progress: bool = True,
-             stop_at: int | None = None, accum: int = 1, workers: int = 0) -> dict[str, Any]:
-    """Fine-tune ``model_dir``'s encoder on labelled data; writes OUT/{checkpoints, model, tokenizer, classifier.json}."""
+def finetune(
+    cfg: FinetuneConfig,
+    model_dir: str,
+    out: str,
+    data: str | None = None,
+    cache: str | None = None,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+    accum: int = 1,
+    workers: int = 0,
+) -> dict[str, Any]:
+    """Fine-tune ``model_dir``'s encoder on labelled data; writes OUT/{checkpoints, model, tokenizer,
+    classifier.json}."""
     from .pretrain import TokenSource
 
-    check_compile_mode(cfg.compile)                                                # bad mode: before any work
+    check_compile_mode(cfg.compile)  # bad mode: before any work
     info = init_distributed()
     dev = info.device
     weights, mcfg, where = load_checkpoint(model_dir)
@@ -171,7 +213,7 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
         raise MageError(f"no tokenizer next to the model ({tok_path})")
     tok = VQTokenizer.from_pretrained(tok_path).to(dev)
     if cfg.bf16 and bf16_supported(dev.type):
-        tok.channels_last()                                                        # on-the-fly tokenizing runs in bf16
+        tok.channels_last()  # on-the-fly tokenizing runs in bf16
     tc = TokenCache(cache) if cache else None
     dataset = None
     if tc is not None:
@@ -183,6 +225,7 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
         if data is None:
             raise MageError("give --data or --cache")
         from .data import load_dataset
+
         dataset = load_dataset(data, "train", tok.config.image_size, cfg.data_augment, data_dir, cfg.seed, limit)
         classes, labels_all = dataset.classes, dataset.labels()
     if not classes or int(labels_all.min()) < 0:
@@ -194,20 +237,37 @@ def finetune(cfg: FinetuneConfig, model_dir: str, out: str, data: str | None = N
     arch = dataclasses.replace(mcfg, num_classes=0, contrastive_weight=0.0)
     model = MAGEClassifier(arch, len(classes), cfg.drop_path).to(dev)
     model.load_pretrained(weights, where)
-    fastpath.apply(model, dev, training=True)     # CPU dropout and attention (graphs being compiled keep their own)
+    fastpath.apply(model, dev, training=True)  # CPU dropout and attention (graphs being compiled keep their own)
     task = FinetuneTask(cfg, info, source, model, tok_path)
-    task.run_args = {"model": os.path.abspath(model_dir), "data": data, "data_dir": data_dir, "limit": limit,
-                     "cache": os.path.abspath(cache) if cache else None}
+    task.run_args = {
+        "model": os.path.abspath(model_dir),
+        "data": data,
+        "data_dir": data_dir,
+        "limit": limit,
+        "cache": os.path.abspath(cache) if cache else None,
+    }
     result = fit(task, loop, info, out, resume=resume, progress=progress, stop_at=stop_at)
     if info.is_main:
         xt, yt = _test_tokens(tok, data, data_dir, None, dev)
         metrics = evaluate_tokens(model, xt, yt)
         result.update(metrics)
         save_checkpoint(os.path.join(out, "model"), model.state_dict(), arch)
-        atomic_write_json(os.path.join(out, "classifier.json"), {
-            "kind": "finetune", "model": "model", "tokenizer": "tokenizer", "pretrained": os.path.abspath(model_dir),
-            "image_size": tok.config.image_size, "classes": classes, "pool": "mean", "data": data,
-            "metrics": metrics, "steps": result["step"], "recipe": dataclasses.asdict(cfg)})
+        atomic_write_json(
+            os.path.join(out, "classifier.json"),
+            {
+                "kind": "finetune",
+                "model": "model",
+                "tokenizer": "tokenizer",
+                "pretrained": os.path.abspath(model_dir),
+                "image_size": tok.config.image_size,
+                "classes": classes,
+                "pool": "mean",
+                "data": data,
+                "metrics": metrics,
+                "steps": result["step"],
+                "recipe": dataclasses.asdict(cfg),
+            },
+        )
     return result
 
 

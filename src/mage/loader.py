@@ -22,7 +22,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import seeding
 from .errors import MageError
 
-__all__ = ["VIEW_KEY", "KeyedItems", "StepSampler", "data_loader", "default_workers", "stack", "step_batches", "step_rows"]
+__all__ = [
+    "VIEW_KEY",
+    "KeyedItems",
+    "StepSampler",
+    "data_loader",
+    "default_workers",
+    "stack",
+    "step_batches",
+    "step_rows",
+]
 
 #: augmentation key offset of a second (third...) view of the same rows: view ``v`` of step ``s`` is keyed
 #: ``s + VIEW_KEY * v`` (the pre-training loop's MAGE-C views used the same offset before this module)
@@ -59,18 +68,27 @@ def step_rows(n: int, global_batch: int, seed: int, step: int, rank: int = 0, wo
     epoch, i = divmod(step, n // global_batch)
     b = global_batch // world
     start = i * global_batch + rank * b
-    return _epoch_permutation(n, seed, epoch)[start:start + b].clone()  # a copy: callers may write to it
+    return _epoch_permutation(n, seed, epoch)[start : start + b].clone()  # a copy: callers may write to it
 
 
 class StepSampler(Sampler):
     """Batch sampler over steps ``[start_step, end_step)``: for each step, ``[(key, index), ...]`` = this rank's
     rows (:func:`step_rows`) once per view, view 0 first, keyed ``step + VIEW_KEY * v``."""
 
-    def __init__(self, n: int, global_batch: int, seed: int, start_step: int, end_step: int,
-                 rank: int = 0, world: int = 1, views: int = 1):
+    def __init__(
+        self,
+        n: int,
+        global_batch: int,
+        seed: int,
+        start_step: int,
+        end_step: int,
+        rank: int = 0,
+        world: int = 1,
+        views: int = 1,
+    ):
         if views < 1 or start_step < 0 or end_step < start_step:
             raise MageError(f"bad step range [{start_step}, {end_step}) or views {views}")
-        step_rows(n, global_batch, seed, start_step, rank, world)           # bad sizes fail here, not in a worker
+        step_rows(n, global_batch, seed, start_step, rank, world)  # bad sizes fail here, not in a worker
         self.n, self.global_batch, self.seed = n, global_batch, seed
         self.start_step, self.end_step, self.rank, self.world, self.views = start_step, end_step, rank, world, views
 
@@ -112,20 +130,31 @@ def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def data_loader(dataset: Dataset, batch_sampler, workers: int = 0, pin_memory: bool = False, collate_fn=stack,
-                prefetch: int = 2) -> DataLoader:
+def data_loader(
+    dataset: Dataset, batch_sampler, workers: int = 0, pin_memory: bool = False, collate_fn=stack, prefetch: int = 2
+) -> DataLoader:
     """The one DataLoader setup: batches from ``batch_sampler`` in its order, decoded by ``workers`` processes
     (one thread each), ``prefetch`` batches ahead per worker."""
     if workers < 0:
         raise MageError(f"workers must be >= 0, got {workers}")
     extra = {"prefetch_factor": prefetch, "worker_init_fn": _one_thread} if workers > 0 else {}
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=pin_memory, **extra)
+    return DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory, **extra
+    )
 
 
-def step_batches(dataset, global_batch: int, seed: int, start_step: int, end_step: int, rank: int = 0,
-                 world: int = 1, workers: int = 0, views: int = 1,
-                 device: torch.device | str | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def step_batches(
+    dataset,
+    global_batch: int,
+    seed: int,
+    start_step: int,
+    end_step: int,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 0,
+    views: int = 1,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """``(step, images [views*b, 3, S, S] float, labels [views*b] int64)`` for each step in ``[start_step, end_step)``.
 
     ``b = global_batch / world`` rows of this rank; with ``views > 1`` the rows repeat once per view (view 0's

@@ -53,10 +53,10 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)   # q, k, v stacked, heads contiguous
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)  # q, k, v stacked, heads contiguous
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = dropout
-        self.proj_drop = nn.Dropout(dropout, inplace=True)       # a Linear's output
+        self.proj_drop = nn.Dropout(dropout, inplace=True)  # a Linear's output
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T / sqrt(hd)) v, dropout on the probabilities: [B, heads, N, hd] each -> [B, heads, N, hd]."""
@@ -65,7 +65,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                                   # [B, heads, N, hd]
+        q, k, v = qkv.unbind(0)  # [B, heads, N, hd]
         return self.proj_drop(self.proj(self.attend(q, k, v).transpose(1, 2).reshape(B, N, C)))
 
 
@@ -74,7 +74,7 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(dropout, inplace=True)            # after GELU and after fc2
+        self.drop = nn.Dropout(dropout, inplace=True)  # after GELU and after fc2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
@@ -104,14 +104,14 @@ class TokenEmbedding(nn.Module):
         self.word_embeddings = nn.Embedding(vocab_size, dim)
         self.position_embeddings = nn.Embedding(seq_len, dim)
         self.LayerNorm = nn.LayerNorm(dim, eps=1e-6)
-        self.dropout = nn.Dropout(dropout, inplace=True)       # a LayerNorm's output
+        self.dropout = nn.Dropout(dropout, inplace=True)  # a LayerNorm's output
         self.register_buffer("position_ids", torch.arange(seq_len).unsqueeze(0), persistent=True)
         nn.init.normal_(self.word_embeddings.weight, std=0.02)
         nn.init.normal_(self.position_embeddings.weight, std=0.02)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pos = self.position_embeddings(self.position_ids[:, : ids.shape[1]])
-        return self.dropout(self.LayerNorm(self.word_embeddings(ids) + pos))        # [B, 1+L, D]
+        return self.dropout(self.LayerNorm(self.word_embeddings(ids) + pos))  # [B, 1+L, D]
 
 
 class MlmHead(nn.Module):
@@ -120,14 +120,14 @@ class MlmHead(nn.Module):
     def __init__(self, dec_dim: int, enc_dim: int, vocab_size: int):
         super().__init__()
         self.fc = nn.Linear(dec_dim, enc_dim)
-        self.ln = nn.LayerNorm(enc_dim, eps=1e-5)   # the original's default-eps quirk
+        self.ln = nn.LayerNorm(enc_dim, eps=1e-5)  # the original's default-eps quirk
         self.bias = nn.Parameter(torch.zeros(1, 1, vocab_size))
 
     def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         h = self.ln(F.gelu(self.fc(x)))
         # The original ties the output to the input embeddings with `.data.detach()`: no gradient flows
         # from the logits into the embedding table, which learns only through the encoder input.
-        return h @ word_embeddings.detach().t().to(h.dtype) + self.bias                # [B, 1+L, V]
+        return h @ word_embeddings.detach().t().to(h.dtype) + self.bias  # [B, 1+L, V]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def truncated_normal(mu: float, std: float, lo: float, hi: float, generator: tor
 
 def masks_from_noise(noise: torch.Tensor, num_dropped: int, num_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
     """noise [B, L] -> (drop [B, L], mask [B, L]): the lowest-noise positions; drop <= mask."""
-    order = noise.argsort(dim=1)                                                    # positions, lowest noise first
+    order = noise.argsort(dim=1)  # positions, lowest noise first
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(noise.shape[1]).expand_as(order))  # its inverse
     return ranks < num_dropped, ranks < num_masked
 
@@ -155,8 +155,10 @@ def kept_positions(drop: torch.Tensor, num_dropped: int) -> torch.Tensor:
     a training step can be captured whole by ``torch.compile`` / CUDA graphs. (Checked on CPU tensors only:
     the check itself would be a host sync on a GPU.)"""
     if drop.device.type == "cpu" and not torch.compiler.is_compiling() and not (drop.sum(1) == num_dropped).all():
-        raise MageError(f"token dropping needs exactly {num_dropped} dropped positions per row "
-                        f"(ceil(mask_ratio_min * num_tokens)); got {sorted(set(drop.sum(1).tolist()))}")
+        raise MageError(
+            f"token dropping needs exactly {num_dropped} dropped positions per row "
+            f"(ceil(mask_ratio_min * num_tokens)); got {sorted(set(drop.sum(1).tolist()))}"
+        )
     return drop.to(torch.uint8).argsort(dim=1, stable=True)[:, : drop.shape[1] - num_dropped]
 
 
@@ -170,24 +172,31 @@ class MAGE(nn.Module):
         super().__init__()
         self.config = c = config
         self.vocab = Vocab.from_config(c)
-        L1 = c.num_tokens + 1                                                      # + fake class token
+        L1 = c.num_tokens + 1  # + fake class token
         self.token_emb = TokenEmbedding(self.vocab.size, L1, c.embed_dim, c.dropout)
         dpr = [c.drop_path * i / max(1, c.depth - 1) for i in range(c.depth)]
-        self.blocks = nn.ModuleList([Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.dropout, dpr[i]) for i in range(c.depth)])
+        self.blocks = nn.ModuleList(
+            [Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.dropout, dpr[i]) for i in range(c.depth)]
+        )
         self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
         self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_embed_dim)
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L1, c.decoder_embed_dim))
-        self.decoder_blocks = nn.ModuleList([Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, c.dropout)
-                                             for _ in range(c.decoder_depth)])
+        self.decoder_blocks = nn.ModuleList(
+            [Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, c.dropout) for _ in range(c.decoder_depth)]
+        )
         self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=1e-6)
         self.mlm_layer = MlmHead(c.decoder_embed_dim, c.embed_dim, self.vocab.size)
         # class-conditional generation: a class embedding replaces the fake class token at position 0;
         # "no class" (label -1, or dropped for guidance) keeps the fake class token.
         self.class_emb = nn.Embedding(c.num_classes, c.embed_dim) if c.num_classes > 0 else None
         # MAGE-C: projection head on the mean-pooled encoder output
-        self.contrastive_head = (nn.Sequential(nn.Linear(c.embed_dim, c.embed_dim), nn.ReLU(inplace=True),
-                                               nn.Linear(c.embed_dim, c.contrastive_dim))
-                                 if c.contrastive_weight > 0 else None)
+        self.contrastive_head = (
+            nn.Sequential(
+                nn.Linear(c.embed_dim, c.embed_dim), nn.ReLU(inplace=True), nn.Linear(c.embed_dim, c.contrastive_dim)
+            )
+            if c.contrastive_weight > 0
+            else None
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -206,13 +215,13 @@ class MAGE(nn.Module):
     # ---- pieces ----------------------------------------------------------------------------------
     def _with_class_token(self, tokens: torch.Tensor) -> torch.Tensor:
         fake = torch.full_like(tokens[:, :1], self.vocab.fake_class_id)
-        return torch.cat([fake, tokens], dim=1)                                    # [B, 1+L]
+        return torch.cat([fake, tokens], dim=1)  # [B, 1+L]
 
     def _embed(self, ids: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        x = self.token_emb(ids)                                                    # [B, 1+L, D]
+        x = self.token_emb(ids)  # [B, 1+L, D]
         if labels is not None and self.class_emb is not None:
             has = labels >= 0
-            cls = self.class_emb(labels.clamp(min=0)).to(x.dtype)                   # [B, D]
+            cls = self.class_emb(labels.clamp(min=0)).to(x.dtype)  # [B, D]
             x = torch.cat([torch.where(has[:, None], cls, x[:, 0])[:, None], x[:, 1:]], dim=1)
         return x
 
@@ -226,10 +235,11 @@ class MAGE(nn.Module):
 
     def encode(self, ids: torch.Tensor, keep: torch.Tensor | None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """ids [B, 1+L] (class token first, [MASK] at masked positions), keep [B, Lk] (ascending positions that
-        survive token dropping, see :func:`kept_positions`) or None -> encoder output after the final norm [B, Lk, D]."""
+        survive token dropping, see :func:`kept_positions`) or None -> encoder output after the final norm
+        [B, Lk, D]."""
         x = self._embed(ids, labels)
         if keep is not None:
-            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))            # [B, Lk, D]
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, Lk, D]
         return self.norm(self._run(self.blocks, x))
 
     def decode(self, latent: torch.Tensor, keep: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
@@ -237,11 +247,11 @@ class MAGE(nn.Module):
 
         Every dropped or masked position is filled with the projected class-token feature (the original's
         ``pad_with_cls_token``), so the decoder sees encoder output only at position 0 and visible tokens."""
-        x = self.decoder_embed(latent)                                             # [B, Lk, Dd]
+        x = self.decoder_embed(latent)  # [B, Lk, Dd]
         B, _, Dd = x.shape
-        cls_feat = x[:, :1].expand(B, mask.shape[1], Dd)                           # [B, 1+L, Dd]
+        cls_feat = x[:, :1].expand(B, mask.shape[1], Dd)  # [B, 1+L, Dd]
         if keep is not None:
-            full = cls_feat.scatter(1, keep[..., None].expand(-1, -1, Dd), x)       # kept rows back in place
+            full = cls_feat.scatter(1, keep[..., None].expand(-1, -1, Dd), x)  # kept rows back in place
         else:
             full = x
         x = torch.where(mask[..., None], cls_feat, full) + self.decoder_pos_embed_learned
@@ -249,8 +259,9 @@ class MAGE(nn.Module):
         return self.mlm_layer(x, self.token_emb.word_embeddings.weight)
 
     # ---- training --------------------------------------------------------------------------------
-    def sample_masks(self, batch: int, generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, float]:
+    def sample_masks(
+        self, batch: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(drop [B, L], mask [B, L], mask ratio): one ratio per call, per-row random positions."""
         c = self.config
         L = c.num_tokens
@@ -259,8 +270,14 @@ class MAGE(nn.Module):
         drop, mask = masks_from_noise(noise, math.ceil(L * c.mask_ratio_min), math.ceil(L * ratio))
         return drop.to(device), mask.to(device), ratio
 
-    def forward(self, tokens: torch.Tensor, drop: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        drop: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Training forward. tokens [B, L] ground-truth ids; drop/mask [B, L] (drawn when None).
         Returns loss (label-smoothed CE on masked positions), acc (masked-token accuracy), logits, latent."""
         B, L = tokens.shape
@@ -270,14 +287,18 @@ class MAGE(nn.Module):
             keep = torch.rand(B, generator=generator).to(labels.device) >= self.config.class_drop_prob
             labels = torch.where(keep, labels, torch.full_like(labels, -1))
         pad = torch.zeros_like(mask[:, :1])
-        drop1, mask1 = torch.cat([pad, drop], 1), torch.cat([pad, mask], 1)          # [B, 1+L]
-        keep = kept_positions(drop1, math.ceil(L * self.config.mask_ratio_min))      # [B, 1+L-n_drop]
+        drop1, mask1 = torch.cat([pad, drop], 1), torch.cat([pad, mask], 1)  # [B, 1+L]
+        keep = kept_positions(drop1, math.ceil(L * self.config.mask_ratio_min))  # [B, 1+L-n_drop]
         ids = self._with_class_token(torch.where(mask, self.vocab.mask_id, tokens))
-        latent = self.encode(ids, keep, labels)                                    # [B, 1+L-n_drop, D]
-        logits = self.decode(latent, keep, mask1)                                  # [B, 1+L, V]
-        code_logits = logits[:, 1:, : self.vocab.codebook_size].float()            # [B, L, K]
-        ce = F.cross_entropy(code_logits.reshape(-1, code_logits.shape[-1]), tokens.reshape(-1),
-                             reduction="none", label_smoothing=self.config.label_smoothing).view(B, L)
+        latent = self.encode(ids, keep, labels)  # [B, 1+L-n_drop, D]
+        logits = self.decode(latent, keep, mask1)  # [B, 1+L, V]
+        code_logits = logits[:, 1:, : self.vocab.codebook_size].float()  # [B, L, K]
+        ce = F.cross_entropy(
+            code_logits.reshape(-1, code_logits.shape[-1]),
+            tokens.reshape(-1),
+            reduction="none",
+            label_smoothing=self.config.label_smoothing,
+        ).view(B, L)
         m = mask.float()
         loss = (ce * m).sum() / m.sum()
         acc = ((code_logits.argmax(-1) == tokens).float() * m).sum() / m.sum()
@@ -304,8 +325,13 @@ class MAGE(nn.Module):
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, map_location: str | torch.device = "cpu", num_heads: int | None = None,
-                        decoder_num_heads: int | None = None) -> "MAGE":
+    def from_pretrained(
+        cls,
+        path: str,
+        map_location: str | torch.device = "cpu",
+        num_heads: int | None = None,
+        decoder_num_heads: int | None = None,
+    ) -> "MAGE":
         """Our checkpoint (run or step directory) or an original ``{'model': state_dict}`` file.
 
         Head counts are not visible in an original file's shapes: the released widths (768, 1024) are

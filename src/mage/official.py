@@ -19,8 +19,16 @@ import torch
 from .config import MAGEConfig, mage_preset
 from .errors import MageError
 
-LEGACY_UNUSED = ("cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "decoder_pred.weight",
-                 "decoder_pred.bias", "patch_embed.proj.weight", "patch_embed.proj.bias")
+LEGACY_UNUSED = (
+    "cls_token",
+    "pos_embed",
+    "mask_token",
+    "decoder_pos_embed",
+    "decoder_pred.weight",
+    "decoder_pred.bias",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+)
 # number of heads is not visible in the shapes: the released sizes, by width
 KNOWN_HEADS = {768: (12, 16), 1024: (16, 16)}
 
@@ -39,8 +47,9 @@ def split_official(obj: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def convert_official_mage(obj: dict[str, Any], where: str, num_heads: int | None = None,
-                          decoder_num_heads: int | None = None) -> tuple[MAGEConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def convert_official_mage(
+    obj: dict[str, Any], where: str, num_heads: int | None = None, decoder_num_heads: int | None = None
+) -> tuple[MAGEConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Original ``{'model': sd}`` -> (config, our weights, report). The report lists unused legacy keys,
     the ``vqgan.*`` tensors (prefix removed) and any classifier-head keys (``head.*``, ``fc_norm.*``)."""
     sd = split_official(obj, where)
@@ -53,15 +62,24 @@ def convert_official_mage(obj: dict[str, Any], where: str, num_heads: int | None
     if D % nh or Dd % dnh:
         raise MageError(f"{where}: width {D}/{Dd} is not divisible by {nh}/{dnh} heads")
     cfg = dataclasses.replace(
-        mage_preset("vit-b"), embed_dim=D, decoder_embed_dim=Dd, depth=_count(sd, "blocks"),
-        decoder_depth=_count(sd, "decoder_blocks"), num_heads=nh, decoder_num_heads=dnh,
-        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D, num_tokens=sd["token_emb.position_embeddings.weight"].shape[0] - 1,
-        codebook_size=vocab - 1001, legacy_vocab=True, grad_checkpointing=D >= 1024)
+        mage_preset("vit-b"),
+        embed_dim=D,
+        decoder_embed_dim=Dd,
+        depth=_count(sd, "blocks"),
+        decoder_depth=_count(sd, "decoder_blocks"),
+        num_heads=nh,
+        decoder_num_heads=dnh,
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
+        num_tokens=sd["token_emb.position_embeddings.weight"].shape[0] - 1,
+        codebook_size=vocab - 1001,
+        legacy_vocab=True,
+        grad_checkpointing=D >= 1024,
+    )
     report: dict[str, Any] = {"unused_legacy_keys": [], "vqgan": {}, "extra": {}}
     weights: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if k.startswith("vqgan."):
-            report["vqgan"][k[len("vqgan."):]] = v
+            report["vqgan"][k[len("vqgan.") :]] = v
         elif k in LEGACY_UNUSED:
             report["unused_legacy_keys"].append(k)
         elif k.startswith(("head.", "fc_norm.", "projector.", "projection")):

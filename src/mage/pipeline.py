@@ -1,7 +1,7 @@
 """Model + tokenizer together: images in, images out.
 
-    pipe = MAGEPipeline.from_pretrained("runs/mage")      # finds runs/mage/tokenizer
-    images = pipe.generate(16, seed=0)                    # [16, 3, H, W] in [0, 1]
+pipe = MAGEPipeline.from_pretrained("runs/mage")      # finds runs/mage/tokenizer
+images = pipe.generate(16, seed=0)                    # [16, 3, H, W] in [0, 1]
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ class MAGEPipeline:
         """``bf16``: run the transformer and the VQGAN under bf16 autocast where the device has bf16 matrix
         hardware (fp32 elsewhere), with the VQGAN channels-last (:meth:`VQTokenizer.channels_last`).
         The model is switched to the inference fast path (:func:`mage.fastpath.apply`, in place)."""
-        if tokenizer.config.codebook_size != model.config.codebook_size or tokenizer.config.num_tokens != model.config.num_tokens:
+        if (
+            tokenizer.config.codebook_size != model.config.codebook_size
+            or tokenizer.config.num_tokens != model.config.num_tokens
+        ):
             raise MageError("tokenizer and model do not fit (codebook size or token count differ)")
         self.model, self.tokenizer, self.classes = model.eval(), tokenizer.eval(), classes
         fastpath.apply(model, self.device, training=False)
@@ -41,8 +44,9 @@ class MAGEPipeline:
         return next(self.model.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, path: str, tokenizer: str | None = None, device: str | torch.device | None = None,
-                        weights: str = "fp32") -> "MAGEPipeline":
+    def from_pretrained(
+        cls, path: str, tokenizer: str | None = None, device: str | torch.device | None = None, weights: str = "fp32"
+    ) -> "MAGEPipeline":
         """Load model + tokenizer (default device: CUDA when available). ``weights="bf16"`` keeps the weights
         in bf16 (half the memory; see :func:`mage.precision.store_weights_bf16`) and, on bf16 hardware (a GPU,
         a CPU with AMX / AVX512-BF16), computes in bf16 too."""
@@ -50,7 +54,7 @@ class MAGEPipeline:
             raise MageError(f"unknown weights dtype '{weights}' (fp32 | bf16)")
         from .precision import store_weights_bf16
 
-        stored = store_weights_bf16 if weights == "bf16" else (lambda m: m)   # per model: fp32 copies never coexist
+        stored = store_weights_bf16 if weights == "bf16" else (lambda m: m)  # per model: fp32 copies never coexist
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = stored(MAGE.from_pretrained(path, map_location=device))
         tok_path = tokenizer or os.path.join(path, "tokenizer")
@@ -60,7 +64,9 @@ class MAGEPipeline:
         cpath = os.path.join(path, "classes.json")
         if os.path.isfile(cpath):
             classes = json.load(open(cpath))
-        return cls(model, stored(VQTokenizer.from_pretrained(tok_path, map_location=device)), classes, bf16=weights == "bf16")
+        return cls(
+            model, stored(VQTokenizer.from_pretrained(tok_path, map_location=device)), classes, bf16=weights == "bf16"
+        )
 
     # ---- classes ---------------------------------------------------------------------------------
     def class_index(self, name_or_id: str | int) -> int:
@@ -82,8 +88,14 @@ class MAGEPipeline:
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_tokens(self, num: int, labels: torch.Tensor | None = None, sampler: SamplerConfig | None = None,
-                        seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+    def generate_tokens(
+        self,
+        num: int,
+        labels: torch.Tensor | None = None,
+        sampler: SamplerConfig | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> torch.Tensor:
         """num token grids [num, L], sampled from scratch (100% masked). Batch b uses seed + b."""
         if num < 1 or batch_size < 1:
             raise MageError(f"generation needs num >= 1 and batch_size >= 1 (got {num}, {batch_size})")
@@ -93,26 +105,37 @@ class MAGEPipeline:
             n = min(batch_size, num - s)
             g = torch.Generator().manual_seed(seed + b)
             start = torch.full((n, self.model.config.num_tokens), self.model.vocab.mask_id, device=self.device)
-            lab = None if labels is None else labels[s:s + n].to(self.device)
+            lab = None if labels is None else labels[s : s + n].to(self.device)
             out.append(decode_tokens(self.model, start, sampler, lab, g, bf16=self.bf16))
         return torch.cat(out)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         with self.math():
-            return torch.cat([self.tokenizer.decode(tokens[s:s + batch_size]).clamp(0, 1).cpu()
-                              for s in range(0, tokens.shape[0], batch_size)])
+            return torch.cat(
+                [
+                    self.tokenizer.decode(tokens[s : s + batch_size]).clamp(0, 1).cpu()
+                    for s in range(0, tokens.shape[0], batch_size)
+                ]
+            )
 
-    def generate(self, num: int, class_label: str | int | None = None, sampler: SamplerConfig | None = None,
-                 seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+    def generate(
+        self,
+        num: int,
+        class_label: str | int | None = None,
+        sampler: SamplerConfig | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> torch.Tensor:
         """num images [num, 3, H, W] in [0, 1]; ``class_label`` (id or name) needs a class-conditional model."""
         labels = None
         if class_label is not None:
             labels = torch.full((num,), self.class_index(class_label))
         return self.decode(self.generate_tokens(num, labels, sampler, seed, batch_size))
 
-    def generate_per_class(self, per_class: int, sampler: SamplerConfig | None = None, seed: int = 0,
-                           batch_size: int = 64) -> torch.Tensor:
+    def generate_per_class(
+        self, per_class: int, sampler: SamplerConfig | None = None, seed: int = 0, batch_size: int = 64
+    ) -> torch.Tensor:
         """per_class images of every class, class-major: [num_classes * per_class, 3, H, W]."""
         n = self.model.config.num_classes
         if n == 0:
@@ -140,15 +163,23 @@ def _feathered(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return soft * m  # inside: ramps up from the edge; outside: 0
 
 
-def _inpaint_tokens(pipe: MAGEPipeline, image: torch.Tensor, pixel_mask: torch.Tensor, label: torch.Tensor | None,
-                    sampler: SamplerConfig, g: torch.Generator) -> torch.Tensor:
+def _inpaint_tokens(
+    pipe: MAGEPipeline,
+    image: torch.Tensor,
+    pixel_mask: torch.Tensor,
+    label: torch.Tensor | None,
+    sampler: SamplerConfig,
+    g: torch.Generator,
+) -> torch.Tensor:
     """image [3,S,S], pixel_mask [S,S] -> generated image [3,S,S] (not composited)."""
     f = pipe.tokenizer.config.downsample
     with pipe.math():
-        tokens = pipe.tokenizer.encode(image[None].to(pipe.device))              # [1, L]
+        tokens = pipe.tokenizer.encode(image[None].to(pipe.device))  # [1, L]
     tm = token_mask(pixel_mask, f).to(pipe.device)
     tokens[0, tm] = pipe.model.vocab.mask_id
-    out = decode_tokens(pipe.model, tokens, sampler, None if label is None else label.to(pipe.device), g, bf16=pipe.bf16)
+    out = decode_tokens(
+        pipe.model, tokens, sampler, None if label is None else label.to(pipe.device), g, bf16=pipe.bf16
+    )
     return pipe.decode(out)[0]
 
 
@@ -160,8 +191,15 @@ def _check_image(pipe: MAGEPipeline, image: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def inpaint(pipe: MAGEPipeline, image: torch.Tensor, mask: torch.Tensor, class_label: str | int | None = None,
-            sampler: SamplerConfig | None = None, seed: int = 0, feather: int = 0) -> torch.Tensor:
+def inpaint(
+    pipe: MAGEPipeline,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    class_label: str | int | None = None,
+    sampler: SamplerConfig | None = None,
+    seed: int = 0,
+    feather: int = 0,
+) -> torch.Tensor:
     """Regenerate the masked region of an image at the model's resolution.
 
     image [3,S,S] in [0,1]; mask [S,S] bool (True = regenerate). Tokens overlapping the mask are masked and
@@ -181,8 +219,17 @@ def inpaint(pipe: MAGEPipeline, image: torch.Tensor, mask: torch.Tensor, class_l
 
 
 @torch.no_grad()
-def outpaint(pipe: MAGEPipeline, image: torch.Tensor, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
-             class_label: str | int | None = None, sampler: SamplerConfig | None = None, seed: int = 0) -> torch.Tensor:
+def outpaint(
+    pipe: MAGEPipeline,
+    image: torch.Tensor,
+    left: int = 0,
+    right: int = 0,
+    top: int = 0,
+    bottom: int = 0,
+    class_label: str | int | None = None,
+    sampler: SamplerConfig | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
     """Extend the canvas on any side. Canvases larger than the model's resolution are filled tile by tile
     (S x S windows with 50% overlap, nearest to the original first); the original pixels are kept exactly."""
     S = _check_image(pipe, image)
@@ -193,22 +240,26 @@ def outpaint(pipe: MAGEPipeline, image: torch.Tensor, left: int = 0, right: int 
     if CH < S or CW < S:
         raise MageError(f"the extended canvas {CH}x{CW} is smaller than the model's {S}x{S} tiles")
     canvas = torch.zeros(3, CH, CW)
-    canvas[:, top:top + H, left:left + W] = image
+    canvas[:, top : top + H, left : left + W] = image
     known = torch.zeros(CH, CW, dtype=torch.bool)
-    known[top:top + H, left:left + W] = True
+    known[top : top + H, left : left + W] = True
     f = pipe.tokenizer.config.downsample
     stride = max(f, (S // 2) // f * f)
     ys = sorted(set(list(range(0, CH - S + 1, stride)) + [CH - S]))
     xs = sorted(set(list(range(0, CW - S + 1, stride)) + [CW - S]))
     cy, cx = top + H / 2, left + W / 2
-    windows = sorted(((y, x) for y in ys for x in xs), key=lambda p: (p[0] + S / 2 - cy) ** 2 + (p[1] + S / 2 - cx) ** 2)
+    windows = sorted(
+        ((y, x) for y in ys for x in xs), key=lambda p: (p[0] + S / 2 - cy) ** 2 + (p[1] + S / 2 - cx) ** 2
+    )
     sampler = sampler or SamplerConfig()
     label = None if class_label is None else torch.tensor([pipe.class_index(class_label)])
     for i, (y, x) in enumerate(windows):
-        unk = ~known[y:y + S, x:x + S]
+        unk = ~known[y : y + S, x : x + S]
         if not unk.any():
             continue
-        gen = _inpaint_tokens(pipe, canvas[:, y:y + S, x:x + S], unk, label, sampler, torch.Generator().manual_seed(seed + i))
-        canvas[:, y:y + S, x:x + S] = torch.where(unk[None], gen, canvas[:, y:y + S, x:x + S])
-        known[y:y + S, x:x + S] = True
+        gen = _inpaint_tokens(
+            pipe, canvas[:, y : y + S, x : x + S], unk, label, sampler, torch.Generator().manual_seed(seed + i)
+        )
+        canvas[:, y : y + S, x : x + S] = torch.where(unk[None], gen, canvas[:, y : y + S, x : x + S])
+        known[y : y + S, x : x + S] = True
     return canvas

@@ -53,8 +53,11 @@ def store_weights_bf16(module: nn.Module) -> nn.Module:
     from torch.nn.utils import parametrize
 
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)) and m.weight.dtype == torch.float32 \
-                and not parametrize.is_parametrized(m, "weight"):
+        if (
+            isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))
+            and m.weight.dtype == torch.float32
+            and not parametrize.is_parametrized(m, "weight")
+        ):
             parametrize.register_parametrization(m, "weight", _StoredBF16(), unsafe=True)
             original = m.parametrizations.weight.original
             original.data = original.data.to(torch.bfloat16)

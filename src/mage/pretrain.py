@@ -51,12 +51,12 @@ def info_nce(z: torch.Tensor, temperature: float, info: DistInfo) -> torch.Tenso
     z = F.normalize(z.float(), dim=1)
     b = z.shape[0] // 2
     za, zb = z[:b], z[b:]
-    ga, gb = all_gather_cat(za, info), all_gather_cat(zb, info)                   # [world*b, d]
-    allz = torch.cat([ga, gb])                                                    # [2*world*b, d]
+    ga, gb = all_gather_cat(za, info), all_gather_cat(zb, info)  # [world*b, d]
+    allz = torch.cat([ga, gb])  # [2*world*b, d]
     n = ga.shape[0]
     off = info.rank * b
     idx = torch.arange(b, device=z.device)
-    logits = torch.cat([za, zb]) @ allz.t() / temperature                         # [2b, 2n]
+    logits = torch.cat([za, zb]) @ allz.t() / temperature  # [2b, 2n]
     self_cols = torch.cat([off + idx, n + off + idx])
     logits[torch.arange(2 * b), self_cols] = float("-inf")
     targets = torch.cat([n + off + idx, off + idx])
@@ -71,8 +71,18 @@ class TokenSource:
     rows from a token cache (each row's view drawn per step), or images decoded by DataLoader workers,
     augmented and tokenized on the device. Used by pre-training and fine-tuning alike."""
 
-    def __init__(self, info: DistInfo, global_batch: int, seed: int, views: int, tok: VQTokenizer,
-                 cache: TokenCache | None = None, dataset=None, workers: int = 0, bf16: bool = False):
+    def __init__(
+        self,
+        info: DistInfo,
+        global_batch: int,
+        seed: int,
+        views: int,
+        tok: VQTokenizer,
+        cache: TokenCache | None = None,
+        dataset=None,
+        workers: int = 0,
+        bf16: bool = False,
+    ):
         if global_batch % info.world:
             raise MageError(f"global batch {global_batch} is not divisible by {info.world} ranks")
         self.info, self.B, self.seed, self.views, self.tok = info, global_batch, seed, views, tok
@@ -88,18 +98,19 @@ class TokenSource:
             V = self.cache.views.shape[1]
             for step in range(start, end):
                 idx = step_rows(self.n, self.B, self.seed, step, self.info.rank, self.info.world)
-                g = seeding.generator(self.seed, seeding.VIEWS, step)   # drawn for the global batch: 1 rank == N
+                g = seeding.generator(self.seed, seeding.VIEWS, step)  # drawn for the global batch: 1 rank == N
                 va = torch.randint(0, V, (self.B,), generator=g)[rows]
                 picks = [va]
-                if self.views == 2:     # MAGE-C: a second, different view when the cache has one
+                if self.views == 2:  # MAGE-C: a second, different view when the cache has one
                     picks.append((va + torch.randint(1, max(V, 2), (self.B,), generator=g)[rows]) % V if V > 1 else va)
-                tokens = torch.stack([self.cache.rows(idx, v) for v in picks], 1)                   # [b, V, L]
+                tokens = torch.stack([self.cache.rows(idx, v) for v in picks], 1)  # [b, V, L]
                 yield step, to_device(tokens, dev), to_device(self.cache.labels[idx], dev)
             return
-        for step, images, labels in step_batches(self.dataset, self.B, self.seed, start, end, self.info.rank,
-                                                 self.info.world, self.workers, self.views, dev):
+        for step, images, labels in step_batches(
+            self.dataset, self.B, self.seed, start, end, self.info.rank, self.info.world, self.workers, self.views, dev
+        ):
             with torch.no_grad(), autocast(dev, self.bf16):
-                tokens = self.tok.encode(to_device(images, dev))                                  # [V*b, L]
+                tokens = self.tok.encode(to_device(images, dev))  # [V*b, L]
             yield step, tokens.view(self.views, b, -1).transpose(0, 1).long(), to_device(labels[:b], dev)
 
 
@@ -110,8 +121,15 @@ class PretrainTask(Task):
     name = "pretrain"
     curve = ("loss", "acc", "contrastive")
 
-    def __init__(self, cfg: MAGEConfig, info: DistInfo, source: TokenSource, model: MAGE, tokenizer: str,
-                 classes: list[str] | None):
+    def __init__(
+        self,
+        cfg: MAGEConfig,
+        info: DistInfo,
+        source: TokenSource,
+        model: MAGE,
+        tokenizer: str,
+        classes: list[str] | None,
+    ):
         self.config, self.info, self.source, self.model = cfg, info, source, model
         self.tokenizer, self.classes = tokenizer, classes
         self.net = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
@@ -136,28 +154,29 @@ class PretrainTask(Task):
     def batches(self, start: int, end: int) -> Iterator[tuple[int, Any]]:
         views = self.source.views
         for step, tokens, labels in self.source(start, end):
-            masks = [self._masks(step, v) for v in range(views)]       # view v's (drop, mask), each [b, L]
-            drop = torch.stack([d for d, _ in masks], 1)               # [b, V, L]
+            masks = [self._masks(step, v) for v in range(views)]  # view v's (drop, mask), each [b, L]
+            drop = torch.stack([d for d, _ in masks], 1)  # [b, V, L]
             mask = torch.stack([m for _, m in masks], 1)
             yield step, (tokens, labels, to_device(drop, self.info.device), to_device(mask, self.info.device))
 
     def _masks(self, step: int, view: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Ratio and noise drawn for the whole global batch from (seed, step, view); this rank's rows."""
-        drop, mask, _ = self.model.sample_masks(self.config.batch_size,
-                                                seeding.generator(self.config.seed, seeding.MASKS + view, step))
+        drop, mask, _ = self.model.sample_masks(
+            self.config.batch_size, seeding.generator(self.config.seed, seeding.MASKS + view, step)
+        )
         b = self.config.batch_size // self.info.world
         rows = slice(self.info.rank * b, (self.info.rank + 1) * b)
         return drop[rows], mask[rows]
 
     def loss(self, net, batch, step):
-        tokens, labels, drop, mask = batch                             # [b, V, L] x3, [b]
+        tokens, labels, drop, mask = batch  # [b, V, L] x3, [b]
         V = tokens.shape[1]
-        flat = lambda t: t.transpose(0, 1).reshape(-1, t.shape[-1])    # [V*b, L]: view 0's rows, then view 1's  # noqa: E731
+        flat = lambda t: t.transpose(0, 1).reshape(-1, t.shape[-1])  # [V*b, L]: view 0's rows, then view 1's  # noqa: E731
         cfg = self.config
         with autocast(self.info.device, cfg.bf16):
             res = net(flat(tokens), flat(drop), flat(mask), labels.repeat(V) if cfg.num_classes > 0 else None)
             loss, metrics = res["loss"], {"loss": res["loss"], "acc": res["acc"]}
-            if V == 2:                                                 # MAGE-C: InfoNCE between the two views
+            if V == 2:  # MAGE-C: InfoNCE between the two views
                 c = info_nce(res["proj"], cfg.contrastive_temperature, self.info)
                 loss = loss + cfg.contrastive_weight * c
                 metrics["contrastive"] = c
@@ -170,19 +189,42 @@ def settings(cfg: MAGEConfig, n: int, accum: int = 1) -> LoopSettings:
     warmup = int(cfg.warmup_epochs * per_epoch)
     if cfg.max_steps > 0:
         warmup = min(warmup, total // 10)
-    return LoopSettings(total_steps=total, lr=cfg.blr * cfg.batch_size / 256, warmup_steps=warmup, min_lr=cfg.min_lr,
-                        max_minutes=cfg.max_minutes, grad_clip=cfg.grad_clip, accum=accum, ema_decay=cfg.ema_decay,
-                        compile=cfg.compile, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, seed=cfg.seed)
+    return LoopSettings(
+        total_steps=total,
+        lr=cfg.blr * cfg.batch_size / 256,
+        warmup_steps=warmup,
+        min_lr=cfg.min_lr,
+        max_minutes=cfg.max_minutes,
+        grad_clip=cfg.grad_clip,
+        accum=accum,
+        ema_decay=cfg.ema_decay,
+        compile=cfg.compile,
+        log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every,
+        seed=cfg.seed,
+    )
 
 
-def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str | None = None, cache: str | None = None,
-             data_dir: str | None = None, limit: int | None = None, resume: bool = False, init: str | None = None,
-             progress: bool = True, stop_at: int | None = None, accum: int = 1, workers: int = 0,
-             class_conditional: bool = False) -> dict[str, Any]:
+def pretrain(
+    cfg: MAGEConfig,
+    out: str,
+    data: str | None = None,
+    tokenizer: str | None = None,
+    cache: str | None = None,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    resume: bool = False,
+    init: str | None = None,
+    progress: bool = True,
+    stop_at: int | None = None,
+    accum: int = 1,
+    workers: int = 0,
+    class_conditional: bool = False,
+) -> dict[str, Any]:
     """Pre-train MAGE into ``out`` (checkpoints, log.jsonl, curve.png, tokenizer/). Works under torchrun.
     ``class_conditional``: take the number of classes from the data. ``stop_at`` ends the run early at that step
     (with a checkpoint), as an interruption would."""
-    check_compile_mode(cfg.compile)                                                # bad mode: before any work
+    check_compile_mode(cfg.compile)  # bad mode: before any work
     info = init_distributed()
     dev = info.device
     tc = TokenCache(cache) if cache else None
@@ -194,11 +236,13 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
     for p in tok.parameters():
         p.requires_grad_(False)
     if cfg.bf16 and bf16_supported(dev.type):
-        tok.channels_last()                                                        # on-the-fly tokenizing runs in bf16
+        tok.channels_last()  # on-the-fly tokenizing runs in bf16
     if tok.config.codebook_size != cfg.codebook_size or tok.config.num_tokens != cfg.num_tokens:
-        raise MageError(f"tokenizer ({tok.config.codebook_size} codes, {tok.config.num_tokens} tokens per image) does not fit "
-                        f"the model (codebook_size={cfg.codebook_size}, num_tokens={cfg.num_tokens}): "
-                        f"use a matching preset or --set codebook_size=... --set num_tokens=...")
+        raise MageError(
+            f"tokenizer ({tok.config.codebook_size} codes, {tok.config.num_tokens} tokens per image) does not fit "
+            f"the model (codebook_size={cfg.codebook_size}, num_tokens={cfg.num_tokens}): "
+            f"use a matching preset or --set codebook_size=... --set num_tokens=..."
+        )
     dataset, classes = None, None
     if tc is not None:
         classes = tc.classes
@@ -208,19 +252,21 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
         if data is None:
             raise MageError("give --data or --cache")
         from .data import load_dataset
+
         dataset = load_dataset(data, "train", tok.config.image_size, cfg.data_augment, data_dir, cfg.seed, limit)
         classes = dataset.classes
     if class_conditional:
         if not classes:
             raise MageError("--class-conditional needs a labelled dataset")
         cfg = dataclasses.replace(cfg, num_classes=len(classes))
-    source = TokenSource(info, cfg.batch_size, cfg.seed, 2 if cfg.contrastive_weight > 0 else 1, tok, tc, dataset,
-                         workers, cfg.bf16)
+    source = TokenSource(
+        info, cfg.batch_size, cfg.seed, 2 if cfg.contrastive_weight > 0 else 1, tok, tc, dataset, workers, cfg.bf16
+    )
     loop = settings(cfg, source.n, accum)
 
     torch.manual_seed(cfg.seed)
     model = MAGE(cfg).to(dev)
-    fastpath.apply(model, dev, training=True)     # CPU dropout and attention (graphs being compiled keep their own)
+    fastpath.apply(model, dev, training=True)  # CPU dropout and attention (graphs being compiled keep their own)
     if init:
         w, _, where = load_checkpoint(init)
         missing, unexpected = model.load_state_dict(w, strict=False)
@@ -228,11 +274,16 @@ def pretrain(cfg: MAGEConfig, out: str, data: str | None = None, tokenizer: str 
         if bad or unexpected:
             raise MageError(f"--init {where} does not fit this model (missing {bad[:3]}, unexpected {unexpected[:3]})")
     task = PretrainTask(cfg, info, source, model, tokenizer, classes)
-    task.run_args = {"data": data, "data_dir": data_dir, "limit": limit, "init": _abs(init),
-                     "cache": _abs(cache), "tokenizer": _abs(tokenizer)}
+    task.run_args = {
+        "data": data,
+        "data_dir": data_dir,
+        "limit": limit,
+        "init": _abs(init),
+        "cache": _abs(cache),
+        "tokenizer": _abs(tokenizer),
+    }
     res = fit(task, loop, info, out, resume=resume, progress=progress, stop_at=stop_at)
     return {"loss": float("nan"), "acc": float("nan"), **res}
-
 
 
 def _abs(path: str | None) -> str | None:

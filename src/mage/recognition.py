@@ -27,7 +27,6 @@ from tqdm import tqdm
 from .engine import Task
 from .errors import MageError
 
-
 # --------------------------------------------------------------------------------------------------
 # features
 # --------------------------------------------------------------------------------------------------
@@ -62,8 +61,16 @@ def is_baseline(model: str) -> bool:
     return model == "pixels" or model.startswith("codes:")
 
 
-def embed_dataset(model_dir: str, data: str, split: str = "train", pool: str = "mean", data_dir: str | None = None,
-                  limit: int | None = None, batch_size: int = 256, progress: bool = True) -> dict[str, Any]:
+def embed_dataset(
+    model_dir: str,
+    data: str,
+    split: str = "train",
+    pool: str = "mean",
+    data_dir: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Features of a dataset split. Baselines without MAGE: ``model_dir='pixels'`` gives raw pixels,
     ``'codes:TOKENIZER'`` each token's code vector in raster order ([L * code_dim]: what the tokens alone hold)."""
     check_pool(pool)
@@ -72,10 +79,15 @@ def embed_dataset(model_dir: str, data: str, split: str = "train", pool: str = "
     if model_dir.startswith("codes:"):
         from .vqgan import VQTokenizer
 
-        tok = VQTokenizer.from_pretrained(model_dir[len("codes:"):]).eval()
+        tok = VQTokenizer.from_pretrained(model_dir[len("codes:") :]).eval()
         ds = load_dataset(data, split, tok.config.image_size, "none", data_dir, 0, limit)
-        codes = map_batches(ds, lambda x: tok.quantize.embedding(tok.encode(x).long()).float().flatten(1),  # [b, L * code_dim]
-                             batch_size, f"codes {data}:{split}", progress)
+        codes = map_batches(
+            ds,
+            lambda x: tok.quantize.embedding(tok.encode(x).long()).float().flatten(1),  # [b, L * code_dim]
+            batch_size,
+            f"codes {data}:{split}",
+            progress,
+        )
         return {"features": codes, "labels": ds.labels(), "classes": ds.classes}
     if model_dir == "pixels":
         ds = load_dataset(data, split, 32, "none", data_dir, 0, limit)
@@ -86,8 +98,13 @@ def embed_dataset(model_dir: str, data: str, split: str = "train", pool: str = "
 
     pipe = MAGEPipeline.from_pretrained(model_dir)
     ds = load_dataset(data, split, pipe.tokenizer.config.image_size, "none", data_dir, 0, limit)
-    feats = map_batches(ds, lambda x: extract_features(pipe.model, pipe.tokenizer, x, pool), batch_size,
-                         f"embed {data}:{split}", progress)
+    feats = map_batches(
+        ds,
+        lambda x: extract_features(pipe.model, pipe.tokenizer, x, pool),
+        batch_size,
+        f"embed {data}:{split}",
+        progress,
+    )
     return {"features": feats, "labels": ds.labels(), "classes": ds.classes or pipe.classes}
 
 
@@ -100,8 +117,9 @@ def map_batches(ds, fn, batch_size: int, desc: str, progress: bool) -> torch.Ten
     return torch.cat(out)
 
 
-def cached_features(model_dir: str, data: str, split: str, pool: str = "mean", data_dir: str | None = None,
-                    limit: int | None = None) -> dict[str, Any]:
+def cached_features(
+    model_dir: str, data: str, split: str, pool: str = "mean", data_dir: str | None = None, limit: int | None = None
+) -> dict[str, Any]:
     """``embed_dataset`` cached under MODEL_DIR/features/ (so repeated probes are cheap)."""
     if is_baseline(model_dir):
         return embed_dataset(model_dir, data, split, pool, data_dir, limit)
@@ -110,7 +128,11 @@ def cached_features(model_dir: str, data: str, split: str, pool: str = "mean", d
     if os.path.isfile(path):
         z = np.load(path, allow_pickle=False)
         classes = json.loads(str(z["classes"])) if "classes" in z else None
-        return {"features": torch.from_numpy(z["features"]), "labels": torch.from_numpy(z["labels"]), "classes": classes}
+        return {
+            "features": torch.from_numpy(z["features"]),
+            "labels": torch.from_numpy(z["labels"]),
+            "classes": classes,
+        }
     r = embed_dataset(model_dir, data, split, pool, data_dir, limit)
     save_features(r, path)
     return r
@@ -139,14 +161,23 @@ class ProbeHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.bn(self.fc_norm(f)))                              # [B, C]
+        return self.linear(self.bn(self.fc_norm(f)))  # [B, C]
 
 
 class LARS(torch.optim.Optimizer):
     """LARS (MAE's util/lars.py semantics): no weight decay or trust scaling for params with ndim <= 1."""
 
-    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
+    def __init__(
+        self,
+        params,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ):
+        super().__init__(
+            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        )
 
     @torch.no_grad()
     def step(self):
@@ -158,7 +189,11 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     dp = dp.add(p, alpha=g["weight_decay"])
                     pn, un = torch.norm(p), torch.norm(dp)
-                    q = torch.where(pn > 0, torch.where(un > 0, g["trust_coefficient"] * pn / un, torch.ones_like(pn)), torch.ones_like(pn))
+                    q = torch.where(
+                        pn > 0,
+                        torch.where(un > 0, g["trust_coefficient"] * pn / un, torch.ones_like(pn)),
+                        torch.ones_like(pn),
+                    )
                     dp = dp.mul(q)
                 st = self.state[p]
                 if "mu" not in st:
@@ -173,8 +208,15 @@ class ProbeTask(Task):
 
     name = "linear probe"
 
-    def __init__(self, head: ProbeHead, opt: torch.optim.Optimizer, feats: torch.Tensor, labels: torch.Tensor,
-                 batch_size: int, seed: int):
+    def __init__(
+        self,
+        head: ProbeHead,
+        opt: torch.optim.Optimizer,
+        feats: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        seed: int,
+    ):
         self.model = self.net = head
         self.optimizers = {"head": opt}
         self.feats, self.labels, self.batch_size, self.seed = feats, labels, batch_size, seed
@@ -193,9 +235,19 @@ class ProbeTask(Task):
         return loss, {"loss": loss}
 
 
-def train_probe(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int = 90, batch_size: int = 256,
-                blr: float = 0.1, warmup_epochs: int = 10, seed: int = 0, progress: bool = True,
-                optimizer: str = "sgd", device: str | None = None) -> ProbeHead:
+def train_probe(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    num_classes: int,
+    epochs: int = 90,
+    batch_size: int = 256,
+    blr: float = 0.1,
+    warmup_epochs: int = 10,
+    seed: int = 0,
+    progress: bool = True,
+    optimizer: str = "sgd",
+    device: str | None = None,
+) -> ProbeHead:
     """The original's linear-probe head and schedule on fixed features (lr = blr * batch / 256).
 
     ``optimizer="lars"`` is the original's (tuned for batch 4096: at small batches its trust ratio of 1e-3
@@ -215,8 +267,13 @@ def train_probe(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int, 
     params = [p for p in head.parameters() if p.requires_grad]
     opt = LARS(params, lr=0.0) if optimizer == "lars" else torch.optim.SGD(params, lr=0.0, momentum=0.9)
     per_epoch = max(1, train_f.shape[0] // batch_size)
-    loop = LoopSettings(total_steps=epochs * per_epoch, lr=blr * batch_size / 256, warmup_steps=warmup_epochs * per_epoch,
-                        log_every=per_epoch, seed=seed)
+    loop = LoopSettings(
+        total_steps=epochs * per_epoch,
+        lr=blr * batch_size / 256,
+        warmup_steps=warmup_epochs * per_epoch,
+        log_every=per_epoch,
+        seed=seed,
+    )
     task = ProbeTask(head, opt, train_f.to(dev), train_y.to(dev), batch_size, seed)
     fit(task, loop, DistInfo(device=dev), progress=progress)
     return head.cpu().eval()
@@ -243,7 +300,9 @@ def sample_shots(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-2, iters: int = 200) -> nn.Linear:
+def logistic_regression(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-2, iters: int = 200
+) -> nn.Linear:
     """Multinomial logistic regression (L-BFGS, L2 penalty) on standardized features."""
     torch.manual_seed(0)
     lin = nn.Linear(x.shape[1], num_classes)
@@ -261,8 +320,15 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, weig
     return lin
 
 
-def few_shot(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-             shots: list[int], draws: int = 5, seed: int = 0) -> dict[str, Any]:
+def few_shot(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    test_f: torch.Tensor,
+    test_y: torch.Tensor,
+    shots: list[int],
+    draws: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
     """For each k: mean/std test accuracy over draws, for logistic regression and cosine prototypes."""
     if not shots or min(shots) < 1 or draws < 1:
         raise MageError(f"few-shot needs shots >= 1 and draws >= 1 (got shots {list(shots)}, draws {draws})")
@@ -277,25 +343,44 @@ def few_shot(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
             lin = logistic_regression((xs - mu) / sd, ys, C)
             with torch.no_grad():
                 lr_accs.append(accuracy(lin((test_f.float() - mu) / sd), test_y))
-                protos = F.normalize(torch.stack([F.normalize(xs[ys == c] - mu, dim=1).mean(0) for c in range(C)]), dim=1)
+                protos = F.normalize(
+                    torch.stack([F.normalize(xs[ys == c] - mu, dim=1).mean(0) for c in range(C)]), dim=1
+                )
                 proto_accs.append(accuracy(F.normalize(test_f.float() - mu, dim=1) @ protos.t(), test_y))
-        res[str(k)] = {"logreg_mean": float(np.mean(lr_accs)), "logreg_std": float(np.std(lr_accs)),
-                       "proto_mean": float(np.mean(proto_accs)), "proto_std": float(np.std(proto_accs))}
+        res[str(k)] = {
+            "logreg_mean": float(np.mean(lr_accs)),
+            "logreg_std": float(np.std(lr_accs)),
+            "proto_mean": float(np.mean(proto_accs)),
+            "proto_std": float(np.std(proto_accs)),
+        }
     return res
 
 
 # --------------------------------------------------------------------------------------------------
 # saved classifiers (for `mage classify`)
 # --------------------------------------------------------------------------------------------------
-def save_classifier(out: str, head: ProbeHead, model_dir: str, pool: str, classes: list[str] | None,
-                    image_size: int, metrics: dict[str, Any]) -> None:
+def save_classifier(
+    out: str,
+    head: ProbeHead,
+    model_dir: str,
+    pool: str,
+    classes: list[str] | None,
+    image_size: int,
+    metrics: dict[str, Any],
+) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(out, exist_ok=True)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(out, "head.safetensors.tmp"))
     os.replace(os.path.join(out, "head.safetensors.tmp"), os.path.join(out, "head.safetensors"))
-    meta = {"kind": "linear-probe", "model": os.path.abspath(model_dir), "pool": pool, "image_size": image_size,
-            "classes": classes or [str(i) for i in range(head.linear.out_features)], "metrics": metrics}
+    meta = {
+        "kind": "linear-probe",
+        "model": os.path.abspath(model_dir),
+        "pool": pool,
+        "image_size": image_size,
+        "classes": classes or [str(i) for i in range(head.linear.out_features)],
+        "metrics": metrics,
+    }
     with open(os.path.join(out, "classifier.json"), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -310,12 +395,15 @@ class Classifier:
 
         meta_path = os.path.join(path, "classifier.json")
         if not os.path.isfile(meta_path):
-            raise MageError(f"no classifier at {path} (expected classifier.json from 'mage probe linear' or 'mage finetune')")
+            raise MageError(
+                f"no classifier at {path} (expected classifier.json from 'mage probe linear' or 'mage finetune')"
+            )
         self.meta = json.load(open(meta_path))
         self.classes = self.meta["classes"]
         self._finetuned = None
         if self.meta.get("kind") == "finetune":
             from .finetune import FinetunedClassifier
+
             self._finetuned = FinetunedClassifier(path, self.meta)
             return
         self.pipe = MAGEPipeline.from_pretrained(self.meta["model"])

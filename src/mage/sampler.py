@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 
 from .errors import MageError
-from .precision import autocast
 from .model import MAGE
+from .precision import autocast
 
 SCHEDULES = {
     "cosine": lambda r: math.cos(math.pi / 2 * r),
@@ -33,12 +33,12 @@ SCHEDULES = {
 
 @dataclass
 class SamplerConfig:
-    steps: int = 20                    # README of the original: 20 iterations
-    temperature: float = 1.0           # token temperature (the original: 1)
-    choice_temperature: float = 6.0    # README of the original: 6.0 (argparse default 4.5)
+    steps: int = 20  # README of the original: 20 iterations
+    temperature: float = 1.0  # token temperature (the original: 1)
+    choice_temperature: float = 6.0  # README of the original: 6.0 (argparse default 4.5)
     schedule: str = "cosine"
-    cfg: float = 0.0                   # classifier-free guidance scale (0 = off)
-    cfg_schedule: str = "constant"     # constant | linear (w * (s+1)/T, as RCG)
+    cfg: float = 0.0  # classifier-free guidance scale (0 = off)
+    cfg_schedule: str = "constant"  # constant | linear (w * (s+1)/T, as RCG)
 
     def check(self) -> None:
         if self.steps < 1:
@@ -57,9 +57,16 @@ def _gumbel(shape: tuple[int, ...], generator: torch.Generator | None, device: t
 
 
 @torch.no_grad()
-def decode_tokens(model: MAGE, tokens: torch.Tensor, cfg: SamplerConfig, labels: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None, bf16: bool = False, trace: list | None = None,
-                  forward: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+def decode_tokens(
+    model: MAGE,
+    tokens: torch.Tensor,
+    cfg: SamplerConfig,
+    labels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    bf16: bool = False,
+    trace: list | None = None,
+    forward: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
     """tokens [B, L] with the mask id at unknown positions -> fully sampled ids [B, L].
 
     ``forward`` replaces ``model.logits`` (same arguments), e.g. a compiled one (``mage bench --compile``).
@@ -73,34 +80,34 @@ def decode_tokens(model: MAGE, tokens: torch.Tensor, cfg: SamplerConfig, labels:
         raise MageError("this model is not class-conditional: train it with --class-conditional")
     forward = forward or model.logits
     ids = tokens.clone()
-    unknown0 = (ids == mask_id).sum(1, keepdim=True).float()                     # [B, 1]
+    unknown0 = (ids == mask_id).sum(1, keepdim=True).float()  # [B, 1]
     sampled = ids
     for s in range(cfg.steps):
         r = (s + 1) / cfg.steps
         with autocast(dev, bf16):
             if cfg.cfg > 0 and labels is not None:  # conditional and unconditional rows in one forward
                 both = forward(torch.cat([ids, ids]), torch.cat([labels, torch.full_like(labels, -1)]))
-                logits, uncond = both[:, 1:, :K].float().chunk(2)                # [B, L, K] each
+                logits, uncond = both[:, 1:, :K].float().chunk(2)  # [B, L, K] each
                 w = cfg.cfg * (r if cfg.cfg_schedule == "linear" else 1.0)
                 logits = logits + w * (logits - uncond)
             else:
-                logits = forward(ids, labels)[:, 1:, :K].float()                 # [B, L, K]
-        unknown = ids == mask_id                                                 # [B, L]
+                logits = forward(ids, labels)[:, 1:, :K].float()  # [B, L, K]
+        unknown = ids == mask_id  # [B, L]
         logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
         B, L, _ = logp.shape
         # sample every position from Categorical(p) by inverse CDF, keep the known ones
-        cdf = logp.double().exp().cumsum(-1)                                     # [B, L, K]
+        cdf = logp.double().exp().cumsum(-1)  # [B, L, K]
         u = torch.rand((B, L, 1), generator=generator, dtype=torch.float64).to(dev)
-        draw = (cdf < u * cdf[..., -1:]).sum(-1).clamp_(max=K - 1)                # [B, L]
+        draw = (cdf < u * cdf[..., -1:]).sum(-1).clamp_(max=K - 1)  # [B, L]
         sampled = torch.where(unknown, draw, ids)
         # how many stay masked after this step
-        n_mask = torch.floor(unknown0 * SCHEDULES[cfg.schedule](r))            # [B, 1] (on dev)
+        n_mask = torch.floor(unknown0 * SCHEDULES[cfg.schedule](r))  # [B, 1] (on dev)
         n_unknown = unknown.sum(1, keepdim=True).float()
         n_mask = torch.maximum(torch.ones_like(n_mask), torch.minimum(n_unknown - 1, n_mask)).long()  # [B, 1]
         conf = torch.gather(logp, -1, sampled.unsqueeze(-1)).squeeze(-1).double()  # [B, L]
         conf = torch.where(unknown, conf, torch.full_like(conf, math.inf))
         conf = conf + cfg.choice_temperature * (1 - r) * _gumbel((B, L), generator, dev).double()
-        cutoff = torch.gather(conf.sort(dim=1).values, 1, (n_mask - 1).to(dev))           # [B, 1]
+        cutoff = torch.gather(conf.sort(dim=1).values, 1, (n_mask - 1).to(dev))  # [B, 1]
         remask = (conf <= cutoff) & unknown & (n_unknown > 0)
         ids = torch.where(remask, torch.full_like(sampled, mask_id), sampled)
         if trace is not None:

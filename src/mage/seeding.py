@@ -12,12 +12,12 @@ import torch
 _M64 = (1 << 64) - 1
 
 # stream tags: one per kind of draw
-PERMUTATION = 7        # batch order of an epoch
-VIEWS = 11             # which cached view each row uses
-STEP = 13              # torch's global RNG during a step (dropout, drop-path, label dropout)
-MASKS = 17             # mask ratio and positions (MAGE-C's second view: MASKS + 1)
-CODES = 23             # the tokenizer's dead-code restarts
-AUGMENT = 29           # batch-level augmentation of in-memory images (the judge)
+PERMUTATION = 7  # batch order of an epoch
+VIEWS = 11  # which cached view each row uses
+STEP = 13  # torch's global RNG during a step (dropout, drop-path, label dropout)
+MASKS = 17  # mask ratio and positions (MAGE-C's second view: MASKS + 1)
+CODES = 23  # the tokenizer's dead-code restarts
+AUGMENT = 29  # batch-level augmentation of in-memory images (the judge)
 
 
 def _splitmix64(x: int) -> int:

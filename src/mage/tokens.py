@@ -43,21 +43,33 @@ class _ImageAndCrops(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         from .data import item_generator
 
-        image, label = self.dataset.item(i, 0)                                     # [3, S, S]; no augmentation
+        image, label = self.dataset.item(i, 0)  # [3, S, S]; no augmentation
         views = [image] + [self.crop(image, item_generator(self.seed, 1 + v, i)) for v in range(self.crops)]
-        return torch.stack(views), label                                           # [1 + crops, 3, S, S]
+        return torch.stack(views), label  # [1 + crops, 3, S, S]
 
 
 def _save(tensors: dict[str, torch.Tensor], out: str, meta: dict[str, str] | None = None) -> None:
     tmp = out + ".tmp"
     save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, out)                                                           # never a half-written file
+    os.replace(tmp, out)  # never a half-written file
 
 
-def cache_tokens(tokenizer: str, data: str, out: str, split: str = "train", data_dir: str | None = None,
-                 limit: int | None = None, flip: bool = True, batch_size: int = 256, progress: bool = True,
-                 crops: int = 0, crop_scale: float = 0.2, seed: int = 0, device: str | None = None,
-                 workers: int | None = None) -> str:
+def cache_tokens(
+    tokenizer: str,
+    data: str,
+    out: str,
+    split: str = "train",
+    data_dir: str | None = None,
+    limit: int | None = None,
+    flip: bool = True,
+    batch_size: int = 256,
+    progress: bool = True,
+    crops: int = 0,
+    crop_scale: float = 0.2,
+    seed: int = 0,
+    device: str | None = None,
+    workers: int | None = None,
+) -> str:
     """Tokenize a dataset split once: ``views`` [N, V, L] + ``labels``. View 0 = the image, view 1 = its mirror
     (``flip``), then ``crops`` random-resized crops (area fraction in [crop_scale, 1], the original's
     ``RandomResizedCrop`` + random flip; seeded per image and view) -- pre-training draws a view per step,
@@ -77,36 +89,49 @@ def cache_tokens(tokenizer: str, data: str, out: str, split: str = "train", data
     info = init_distributed()
     dev = torch.device(device) if device else info.device
     tok = VQTokenizer.from_pretrained(tokenizer, map_location=dev)
-    enc = lambda x: tok.encode(x.to(dev)).cpu()                                    # noqa: E731  [b, L]
+    enc = lambda x: tok.encode(x.to(dev)).cpu()  # noqa: E731  [b, L]
     dtype = torch.int16 if tok.config.codebook_size < 32768 else torch.int32
     ds = load_dataset(data, split, tok.config.image_size, "none", data_dir, 0, limit)
 
     # this rank's batches: a contiguous run of the 1-process run's batches (same boundaries, same numbers)
     starts = list(range(0, len(ds), batch_size))
-    mine = starts[len(starts) * info.rank // info.world: len(starts) * (info.rank + 1) // info.world]
+    mine = starts[len(starts) * info.rank // info.world : len(starts) * (info.rank + 1) // info.world]
     if workers is None:
         workers = min(default_workers(), max(1, (os.cpu_count() or 1) // info.world))
-    workers = min(workers, len(mine)) if len(mine) > 1 else 0                      # one batch: nothing to overlap
-    loader = data_loader(_ImageAndCrops(ds, crops, crop_scale, seed), [list(range(s, min(len(ds), s + batch_size))) for s in mine],
-                         workers, pin_memory=dev.type == "cuda")
+    workers = min(workers, len(mine)) if len(mine) > 1 else 0  # one batch: nothing to overlap
+    loader = data_loader(
+        _ImageAndCrops(ds, crops, crop_scale, seed),
+        [list(range(s, min(len(ds), s + batch_size))) for s in mine],
+        workers,
+        pin_memory=dev.type == "cuda",
+    )
     views, labels = [], []
     for images, y in tqdm(loader, desc=f"cache-tokens {data}:{split}", disable=not (progress and info.is_main)):
-        x = images[:, 0]                                                           # [b, 3, S, S]
+        x = images[:, 0]  # [b, 3, S, S]
         batch = [enc(x)] + ([enc(hflip(x))] if flip else []) + [enc(images[:, 1 + v]) for v in range(crops)]
-        views.append(torch.stack(batch, 1).to(dtype))                              # [b, V, L]
+        views.append(torch.stack(batch, 1).to(dtype))  # [b, V, L]
         labels.append(y)
     L, V = tok.config.num_tokens, 1 + int(flip) + crops
-    views = torch.cat(views) if views else torch.empty(0, V, L, dtype=dtype)      # [n_rank, V, L]
+    views = torch.cat(views) if views else torch.empty(0, V, L, dtype=dtype)  # [n_rank, V, L]
     labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
 
-    meta = {"data": data, "split": split, "tokenizer": os.path.abspath(resolve_checkpoint(tokenizer)) if os.path.isdir(tokenizer) else os.path.abspath(tokenizer),
-            "codebook_size": str(tok.config.codebook_size), "num_tokens": str(tok.config.num_tokens),
-            "classes": json.dumps(getattr(ds, "classes", None)), "crops": str(crops), "crop_scale": str(crop_scale)}
+    meta = {
+        "data": data,
+        "split": split,
+        "tokenizer": os.path.abspath(resolve_checkpoint(tokenizer))
+        if os.path.isdir(tokenizer)
+        else os.path.abspath(tokenizer),
+        "codebook_size": str(tok.config.codebook_size),
+        "num_tokens": str(tok.config.num_tokens),
+        "classes": json.dumps(getattr(ds, "classes", None)),
+        "crops": str(crops),
+        "crop_scale": str(crop_scale),
+    }
     if info.is_main:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    barrier(info)                                                                  # the folder exists for every rank
+    barrier(info)  # the folder exists for every rank
     if info.enabled:
-        part = lambda r: f"{out}.part{r}-of-{info.world}"                          # noqa: E731
+        part = lambda r: f"{out}.part{r}-of-{info.world}"  # noqa: E731
         _save({"views": views, "labels": labels}, part(info.rank))
         barrier(info)
         if info.is_main:
@@ -121,7 +146,7 @@ def cache_tokens(tokenizer: str, data: str, out: str, split: str = "train", data
         if info.enabled:
             for r in range(info.world):
                 os.remove(part(r))
-    barrier(info)                                                                  # every rank returns once the file is there
+    barrier(info)  # every rank returns once the file is there
     return out
 
 
@@ -138,8 +163,8 @@ class TokenCache:
         try:
             with safe_open(path, "pt") as f:
                 self.meta = f.metadata() or {}
-                self.views = f.get_tensor("views")                                 # [N, V, L] int16 | int32, mapped
-                self.labels = f.get_tensor("labels")                               # [N] int64
+                self.views = f.get_tensor("views")  # [N, V, L] int16 | int32, mapped
+                self.labels = f.get_tensor("labels")  # [N] int64
         except Exception as e:
             raise MageError(f"cannot read token cache {path}: {str(e).splitlines()[0]}") from None
         self.classes = json.loads(self.meta.get("classes", "null"))

@@ -47,14 +47,14 @@ class PatchDiscriminator(nn.Module):
         mods: list[nn.Module] = [nn.Conv2d(in_ch, ch, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         c = ch
         for i in range(1, layers):
-            c2 = ch * min(2 ** i, 8)
+            c2 = ch * min(2**i, 8)
             mods += [nn.Conv2d(c, c2, 4, 2, 1, bias=False), nn.GroupNorm(min(32, c2 // 4), c2), nn.LeakyReLU(0.2, True)]
             c = c2
         mods += [nn.Conv2d(c, 1, 3, 1, 1)]
         self.net = nn.Sequential(*mods)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)                                                         # [B, 1, h, w]
+        return self.net(x)  # [B, 1, h, w]
 
 
 def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -64,8 +64,14 @@ def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruction_metrics(tok: VQTokenizer, dataset: ImageDataset, batch_size: int = 256,
-                           limit: int | None = None, bf16: bool = False, progress: bool = False) -> dict[str, float]:
+def reconstruction_metrics(
+    tok: VQTokenizer,
+    dataset: ImageDataset,
+    batch_size: int = 256,
+    limit: int | None = None,
+    bf16: bool = False,
+    progress: bool = False,
+) -> dict[str, float]:
     """Test-set PSNR (dB), codebook usage (% of codes used), code perplexity, and the per-position code entropy
     (nats, mean over grid positions of the entropy of the ids seen at that position): how many interchangeable
     ids the generator must choose among where the image content barely varies (e.g. background corners)."""
@@ -79,18 +85,26 @@ def reconstruction_metrics(tok: VQTokenizer, dataset: ImageDataset, batch_size: 
             ids = tok.encode(x)
             rec = tok.decode(ids).cpu()
             ids = ids.cpu()
-        flat = ids.reshape(ids.shape[0], -1).long()                                  # [B, L]
-        per_pos.view(-1).index_add_(0, (torch.arange(flat.shape[1]) * per_pos.shape[1] + flat).flatten(),
-                                    torch.ones(flat.numel(), dtype=torch.float64))
+        flat = ids.reshape(ids.shape[0], -1).long()  # [B, L]
+        per_pos.view(-1).index_add_(
+            0,
+            (torch.arange(flat.shape[1]) * per_pos.shape[1] + flat).flatten(),
+            torch.ones(flat.numel(), dtype=torch.float64),
+        )
         total_psnr += psnr(rec.float(), x).sum().item()
         seen += x.shape[0]
-    counts = per_pos.sum(0)                                                          # [K]
+    counts = per_pos.sum(0)  # [K]
     p = counts / counts.sum()
     ent = -(p[p > 0] * p[p > 0].log()).sum().item()
     q = per_pos / per_pos.sum(1, keepdim=True).clamp_min(1)
-    pos_ent = max(0.0, -(q * q.clamp_min(1e-300).log()).sum(1).mean().item())        # never '-0.00'
-    return {"psnr": total_psnr / max(seen, 1), "usage": 100.0 * (counts > 0).float().mean().item(),
-            "perplexity": math.exp(ent), "position_entropy": pos_ent, "images": seen}
+    pos_ent = max(0.0, -(q * q.clamp_min(1e-300).log()).sum(1).mean().item())  # never '-0.00'
+    return {
+        "psnr": total_psnr / max(seen, 1),
+        "usage": 100.0 * (counts > 0).float().mean().item(),
+        "perplexity": math.exp(ent),
+        "position_entropy": pos_ent,
+        "images": seen,
+    }
 
 
 def _restart_dead_codes(tok: VQTokenizer, usage: torch.Tensor, z: torch.Tensor, g: torch.Generator) -> int:
@@ -104,11 +118,11 @@ def _restart_dead_codes(tok: VQTokenizer, usage: torch.Tensor, z: torch.Tensor, 
     dead = (usage == 0).nonzero().flatten()
     if dead.numel() == 0:
         return 0
-    flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])         # [N, C]
+    flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # [N, C]
     codes = tok.quantize.embedding.weight.detach().float().cpu()
     live = (usage > 0).nonzero().flatten()
     if live.numel() > 0:
-        err = torch.cdist(flat, codes[live]).min(dim=1).values.pow(2)              # [N]
+        err = torch.cdist(flat, codes[live]).min(dim=1).values.pow(2)  # [N]
     else:
         err = torch.ones(flat.shape[0])
     err = err + 1e-12
@@ -149,11 +163,14 @@ class TokenizerTask(Task):
         ae = _AutoEncoder(self.model)
         self.net = torch.nn.parallel.DistributedDataParallel(ae) if info.enabled else ae
         self.synced = [self.net] if info.enabled else []
-        self.optimizers = {"generator": torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                                         weight_decay=cfg.weight_decay),
-                           "discriminator": torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=cfg.betas)}
+        self.optimizers = {
+            "generator": torch.optim.Adam(
+                self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+            ),
+            "discriminator": torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=cfg.betas),
+        }
         self.global_batch = cfg.batch_size
-        self.usage = torch.zeros(cfg.codebook_size, device=info.device)   # code counts since the last restart
+        self.usage = torch.zeros(cfg.codebook_size, device=info.device)  # code counts since the last restart
         self.fixed = torch.stack([train_set[i][0] for i in range(min(16, len(train_set)))])
         self.out, self.progress, self.last_z = None, 0.0, None
 
@@ -164,8 +181,18 @@ class TokenizerTask(Task):
     def batches(self, start, end):
         from .loader import step_batches
 
-        for step, x, _ in step_batches(self.train_set, self.config.batch_size, self.config.seed, start, end,
-                                       self.info.rank, self.info.world, self.workers, 1, self.info.device):
+        for step, x, _ in step_batches(
+            self.train_set,
+            self.config.batch_size,
+            self.config.seed,
+            start,
+            end,
+            self.info.rank,
+            self.info.world,
+            self.workers,
+            1,
+            self.info.device,
+        ):
             yield step, (to_device(x, self.info.device),)
 
     def loss(self, net, batch, step):
@@ -185,8 +212,13 @@ class TokenizerTask(Task):
                 d_loss = F.relu(1 - self.disc(x).float()).mean() + F.relu(1 + self.disc(rec.detach()).float()).mean()
         self.usage += torch.bincount(ids.flatten(), minlength=cfg.codebook_size).float()
         self.last_z = z.detach()
-        return loss + d_loss, {"loss": loss, "rec": rec_loss, "commit": commit_loss, "d_loss": d_loss,
-                               "psnr": psnr(rec.detach(), x).mean()}
+        return loss + d_loss, {
+            "loss": loss,
+            "rec": rec_loss,
+            "commit": commit_loss,
+            "d_loss": d_loss,
+            "psnr": psnr(rec.detach(), x).mean(),
+        }
 
     def reduce_grads(self) -> None:
         """The discriminator is not DDP-wrapped (it runs three times a step): average its gradients here."""
@@ -203,9 +235,10 @@ class TokenizerTask(Task):
                 torch.distributed.all_reduce(self.usage)
             used = 100.0 * (self.usage > 0).float().mean().item()
             if progress < 0.9:  # leave the codebook alone at the very end
-                z = all_gather_cat(self.last_z, self.info)                  # every rank re-seeds the same codes
-                restarted = _restart_dead_codes(self.model, self.usage.cpu(), z.cpu(),
-                                                seeding.generator(cfg.seed, seeding.CODES, step))
+                z = all_gather_cat(self.last_z, self.info)  # every rank re-seeds the same codes
+                restarted = _restart_dead_codes(
+                    self.model, self.usage.cpu(), z.cpu(), seeding.generator(cfg.seed, seeding.CODES, step)
+                )
             self.usage.zero_()
         else:
             used = 100.0 * (self.usage > 0).float().mean().item()
@@ -226,14 +259,32 @@ class TokenizerTask(Task):
 
 def settings(cfg: TokenizerConfig, accum: int = 1) -> LoopSettings:
     """Warm-up over ``warmup_steps``, then cosine to 10% of the peak at the end of the run."""
-    return LoopSettings(total_steps=cfg.max_steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr=0.1 * cfg.lr,
-                        max_minutes=cfg.max_minutes, grad_clip=cfg.grad_clip, accum=accum, log_every=cfg.log_every,
-                        ckpt_every=cfg.ckpt_every, seed=cfg.seed)
+    return LoopSettings(
+        total_steps=cfg.max_steps,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        min_lr=0.1 * cfg.lr,
+        max_minutes=cfg.max_minutes,
+        grad_clip=cfg.grad_clip,
+        accum=accum,
+        log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every,
+        seed=cfg.seed,
+    )
 
 
-def train_tokenizer(cfg: TokenizerConfig, train_set: ImageDataset, out: str, val_set: ImageDataset | None = None,
-                    resume: bool = False, progress: bool = True, stop_at: int | None = None, accum: int = 1,
-                    workers: int = 0, run_args: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_tokenizer(
+    cfg: TokenizerConfig,
+    train_set: ImageDataset,
+    out: str,
+    val_set: ImageDataset | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+    accum: int = 1,
+    workers: int = 0,
+    run_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train (or resume) a tokenizer into ``out``; returns final validation metrics. Works under torchrun.
     ``stop_at`` ends the run early at that step (with a checkpoint), as an interruption would."""
     info = init_distributed()

@@ -69,6 +69,7 @@ def check_augment(augment: str) -> None:
     if augment not in AUGMENTS:
         raise MageError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENTS)}")
 
+
 _INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 

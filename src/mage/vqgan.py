@@ -99,14 +99,14 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(top, cfg.code_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)                               # [B, ch, H, W]
+        h = self.conv_in(x)  # [B, ch, H, W]
         for lvl, level in enumerate(self.down):
             for blk in level.block:
                 h = blk(h)
             if lvl != len(self.down) - 1:
-                h = F.avg_pool2d(h, 2)                    # [B, c, H/2, W/2]
+                h = F.avg_pool2d(h, 2)  # [B, c, H/2, W/2]
         h = self.mid(h)
-        return self.conv_out(_swish(self.norm_out(h)))    # [B, code_dim, h, w]
+        return self.conv_out(_swish(self.norm_out(h)))  # [B, code_dim, h, w]
 
 
 class Decoder(nn.Module):
@@ -118,7 +118,7 @@ class Decoder(nn.Module):
         self.mid = _Mid(top, g, cfg.dropout)
         levels: list[nn.Module] = [nn.Identity()] * len(mult)
         cin = top
-        for lvl in reversed(range(len(mult))):           # built top-down, stored by level index
+        for lvl in reversed(range(len(mult))):  # built top-down, stored by level index
             cout = ch * mult[lvl]
             blocks = [ResBlock(cin if i == 0 else cout, cout, g, cfg.dropout) for i in range(cfg.num_res_blocks)]
             levels[lvl] = _Level(blocks, Upsample(cout) if lvl != 0 else None)
@@ -128,14 +128,14 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch * mult[0], cfg.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))                     # [B, top, h, w]
-        for lvl in reversed(range(len(self.up))):        # up.4 runs first
+        h = self.mid(self.conv_in(z))  # [B, top, h, w]
+        for lvl in reversed(range(len(self.up))):  # up.4 runs first
             level = self.up[lvl]
             for blk in level.block:
                 h = blk(h)
             if lvl != 0:
                 h = level.upsample(h)
-        return self.conv_out(_swish(self.norm_out(h)))    # [B, 3, H, W]
+        return self.conv_out(_swish(self.norm_out(h)))  # [B, 3, H, W]
 
 
 class VectorQuantizer(nn.Module):
@@ -149,7 +149,7 @@ class VectorQuantizer(nn.Module):
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, C, h, w] -> ids [B, h*w] (row-major over the grid)."""
         B, C, h, w = z.shape
-        flat = z.float().permute(0, 2, 3, 1).reshape(-1, C)                  # [B*h*w, C]
+        flat = z.float().permute(0, 2, 3, 1).reshape(-1, C)  # [B*h*w, C]
         e = self.embedding.weight.float()
         d = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * flat @ e.t()
         return d.argmin(1).view(B, h * w)
@@ -207,12 +207,12 @@ class VQTokenizer(nn.Module):
             grid = (side, side)
         if ids.min() < 0 or ids.max() >= self.config.codebook_size:
             raise MageError(f"token ids must lie in [0, {self.config.codebook_size})")
-        zq = self._layout(self.quantize.lookup(ids.long(), grid))                 # [B, C, h, w]
+        zq = self._layout(self.quantize.lookup(ids.long(), grid))  # [B, C, h, w]
         if zq.device.type != "cpu":
             return self.decoder(zq).float().contiguous()
         f = self.config.downsample
         chunk = max(1, self.CPU_DECODE_PIXELS // (grid[0] * grid[1] * f * f))
-        return torch.cat([self.decoder(zq[i:i + chunk]).float() for i in range(0, zq.shape[0], chunk)]).contiguous()
+        return torch.cat([self.decoder(zq[i : i + chunk]).float() for i in range(0, zq.shape[0], chunk)]).contiguous()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training forward: (reconstruction, ids, codebook loss, commitment loss)."""
@@ -237,7 +237,7 @@ class VQTokenizer(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self._channels_last and self.CHANNELS_LAST else x
 
     def _dtype(self) -> torch.dtype:
-        return self.encoder.conv_in.weight.dtype   # the dtype it computes in (bf16-stored weights are used in fp32)
+        return self.encoder.conv_in.weight.dtype  # the dtype it computes in (bf16-stored weights are used in fp32)
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != self.config.in_channels:
@@ -276,7 +276,7 @@ def official_tokenizer_state_dict(obj: dict[str, Any], where: str) -> dict[str, 
     elif "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if any(k.startswith("vqgan.") for k in obj):
-        obj = {k[len("vqgan."):]: v for k, v in obj.items() if k.startswith("vqgan.")}
+        obj = {k[len("vqgan.") :]: v for k, v in obj.items() if k.startswith("vqgan.")}
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if "encoder.conv_in.weight" not in sd or "quantize.embedding.weight" not in sd:
         raise MageError(f"{where} is not a VQGAN tokenizer checkpoint (no encoder.conv_in / quantize.embedding keys)")
@@ -291,6 +291,13 @@ def config_from_state_dict(sd: dict[str, torch.Tensor]) -> TokenizerConfig:
     nblocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
     n, dim = sd["quantize.embedding.weight"].shape
     groups = 32 if ch % 32 == 0 else max(g for g in (16, 8, 4, 2, 1) if ch % g == 0)
-    return dataclasses.replace(tokenizer_preset("maskgit-256"), base_channels=ch, channel_mult=mult,
-                               num_res_blocks=nblocks, codebook_size=n, code_dim=dim, norm_groups=groups,
-                               in_channels=sd["encoder.conv_in.weight"].shape[1])
+    return dataclasses.replace(
+        tokenizer_preset("maskgit-256"),
+        base_channels=ch,
+        channel_mult=mult,
+        num_res_blocks=nblocks,
+        codebook_size=n,
+        code_dim=dim,
+        norm_groups=groups,
+        in_channels=sd["encoder.conv_in.weight"].shape[1],
+    )

@@ -17,5 +17,13 @@ from __future__ import annotations
 from . import bench, demo, evaluate, generate, official, pretrain, recognition, tokenizer
 from .common import Command
 
-COMMANDS: tuple[Command, ...] = (*tokenizer.COMMANDS, *pretrain.COMMANDS, *official.COMMANDS, *generate.COMMANDS,
-                                 *recognition.COMMANDS, *bench.COMMANDS, *evaluate.COMMANDS, *demo.COMMANDS)
+COMMANDS: tuple[Command, ...] = (
+    *tokenizer.COMMANDS,
+    *pretrain.COMMANDS,
+    *official.COMMANDS,
+    *generate.COMMANDS,
+    *recognition.COMMANDS,
+    *bench.COMMANDS,
+    *evaluate.COMMANDS,
+    *demo.COMMANDS,
+)

@@ -23,19 +23,23 @@ class Command(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 def number(kind: type, low: float, strict: bool = False) -> Callable[[str], float]:
     """argparse ``type=``: a number >= low (> low with strict); anything else is a one-line usage error, exit 2."""
+
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got '{text}'") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got '{text}'"
+            ) from None
         if v < low or (strict and v == low):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g} (got {text})")
         return v
+
     return parse
 
 
-POSITIVE = number(int, 1)           # counts, batch sizes, epochs
-NONNEG = number(float, 0)           # minutes (0 = no limit), guidance scales, weights
+POSITIVE = number(int, 1)  # counts, batch sizes, epochs
+NONNEG = number(float, 0)  # minutes (0 = no limit), guidance scales, weights
 POSITIVE_F = number(float, 0, strict=True)
 
 
@@ -60,17 +64,29 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                   help="torch.compile the training step (default mode; or reduce-overhead = + CUDA graphs, "
-                        "max-autotune); falls back to eager with a warning if compiling fails")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="MODE",
+        help="torch.compile the training step (default mode; or reduce-overhead = + CUDA graphs, "
+        "max-autotune); falls back to eager with a warning if compiling fails",
+    )
 
 
 def add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     """--preset NAME, --set KEY=VALUE (repeatable), and --max-minutes / --max-steps as shorthands for two of them."""
     p.add_argument("--preset", default=None, help=f"named config (default {default_preset}; a resumed run: its own)")
     p.set_defaults(default_preset=default_preset)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set lr=1e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set lr=1e-4 (repeatable)",
+    )
     p.add_argument("--max-minutes", type=NONNEG, default=None, help="stop (and save) after this wall-clock time")
     p.add_argument("--max-steps", type=POSITIVE, default=None, help="stop after this many optimizer steps")
 
@@ -79,13 +95,24 @@ def add_training_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     """What every trainer takes: the config flags, --out, --resume, --accum and --workers."""
     add_config_args(p, default_preset)
     p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, curve.png)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest checkpoint, with its own settings and data "
-                        "(only --max-steps, --max-minutes and the logging cadence may change)")
-    p.add_argument("--accum", type=POSITIVE, default=1,
-                   help="gradient accumulation: split each rank's share of the global batch into N micro-batches")
-    p.add_argument("--workers", type=number(int, 0), default=None,
-                   help="DataLoader processes decoding images (default min(4, CPU cores); 0 = in the main process)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest checkpoint, with its own settings and data "
+        "(only --max-steps, --max-minutes and the logging cadence may change)",
+    )
+    p.add_argument(
+        "--accum",
+        type=POSITIVE,
+        default=1,
+        help="gradient accumulation: split each rank's share of the global batch into N micro-batches",
+    )
+    p.add_argument(
+        "--workers",
+        type=number(int, 0),
+        default=None,
+        help="DataLoader processes decoding images (default min(4, CPU cores); 0 = in the main process)",
+    )
 
 
 def training_config(args: argparse.Namespace, preset: Callable[[str], object]) -> tuple[object, dict]:
@@ -104,8 +131,10 @@ def training_config(args: argparse.Namespace, preset: Callable[[str], object]) -
         if mine is None or name in ("class_conditional",):
             setattr(args, name, theirs if mine is None else mine)
         elif theirs is not None and _same(mine) != _same(theirs):
-            raise MageError(f"cannot resume {args.out}: it was trained with --{name.replace('_', '-')} {theirs}, "
-                            f"not {mine} (leave it out to use the run's own)")
+            raise MageError(
+                f"cannot resume {args.out}: it was trained with --{name.replace('_', '-')} {theirs}, "
+                f"not {mine} (leave it out to use the run's own)"
+            )
     return apply_overrides(preset(args.preset) if args.preset else cfg, overrides(args)), run_args
 
 
@@ -132,7 +161,9 @@ def overrides(args: argparse.Namespace) -> list[str]:
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=POSITIVE, default=20, help="decoding iterations (default 20, as the original)")
     p.add_argument("--temperature", type=float, default=1.0, help="token sampling temperature (default 1)")
-    p.add_argument("--choice-temperature", type=float, default=6.0, help="Gumbel noise on confidences, annealed to 0 (default 6.0)")
+    p.add_argument(
+        "--choice-temperature", type=float, default=6.0, help="Gumbel noise on confidences, annealed to 0 (default 6.0)"
+    )
     p.add_argument("--schedule", default="cosine", help="cosine | linear | arccos")
     p.add_argument("--cfg", type=NONNEG, default=0.0, help="classifier-free guidance scale (0 = off)")
     p.add_argument("--cfg-schedule", default="constant", help="constant | linear")
@@ -141,16 +172,25 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_weights_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", default="fp32", help="fp32 | bf16 (stored in bf16: half the memory; bf16 math on bf16 "
-                   "hardware, fp32 math elsewhere)")
+    p.add_argument(
+        "--weights",
+        default="fp32",
+        help="fp32 | bf16 (stored in bf16: half the memory; bf16 math on bf16 hardware, fp32 math elsewhere)",
+    )
 
 
 def sampler_config(args: argparse.Namespace):
     """The checked :class:`mage.sampler.SamplerConfig` of :func:`add_sampler_args`' flags."""
     from ..sampler import SamplerConfig
 
-    s = SamplerConfig(steps=args.steps, temperature=args.temperature, choice_temperature=args.choice_temperature,
-                      schedule=args.schedule, cfg=args.cfg, cfg_schedule=args.cfg_schedule)
+    s = SamplerConfig(
+        steps=args.steps,
+        temperature=args.temperature,
+        choice_temperature=args.choice_temperature,
+        schedule=args.schedule,
+        cfg=args.cfg,
+        cfg_schedule=args.cfg_schedule,
+    )
     s.check()
     return s
 

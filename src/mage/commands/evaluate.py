@@ -6,14 +6,25 @@ import argparse
 import json
 
 from ..errors import MageError
-from .common import (NONNEG, POSITIVE, POSITIVE_F, Command, add_data_args, add_sampler_args, add_weights_arg, number,
-                     sampler_config)
+from .common import (
+    NONNEG,
+    POSITIVE,
+    POSITIVE_F,
+    Command,
+    add_data_args,
+    add_sampler_args,
+    add_weights_arg,
+    number,
+    sampler_config,
+)
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=["fid", "agreement", "train-judge"])
     p.add_argument("--model", default=None, help="MAGE run directory whose samples are scored")
-    p.add_argument("--images", default=None, help="fid: score a real image set instead of a model (dataset spec; the floor)")
+    p.add_argument(
+        "--images", default=None, help="fid: score a real image set instead of a model (dataset spec; the floor)"
+    )
     p.add_argument("--images-split", default="train")
     add_data_args(p, required=False)
     p.add_argument("--num", type=number(int, 2), default=5000, help="fid: generated (or --images) count (default 5000)")
@@ -23,16 +34,24 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref-num", type=number(int, 2), default=None, help="fid: reference images (default --num)")
     p.add_argument("--ref-stats", default=None, help="fid: precomputed .npz with mu and sigma (e.g. ADM ImageNet 256)")
     p.add_argument("--ref-dir", default=None, help="fid: a folder of reference images (e.g. ImageNet val as PNG)")
-    p.add_argument("--image-size", type=POSITIVE, default=None,
-                   help="fid with --images: resolution real images are read at (default 32; a model sets its own)")
+    p.add_argument(
+        "--image-size",
+        type=POSITIVE,
+        default=None,
+        help="fid with --images: resolution real images are read at (default 32; a model sets its own)",
+    )
     p.add_argument("--judge", default=None, help="agreement: judge directory from 'mage evaluate train-judge'")
     p.add_argument("--per-class", type=POSITIVE, default=100, help="agreement: samples per class (default 100)")
     p.add_argument("--grid", default=None, help="agreement: also save 10 samples per class as this PNG")
     p.add_argument("--epochs", type=POSITIVE_F, default=4, help="train-judge: epochs (default 4)")
     p.add_argument("--width", type=POSITIVE, default=32, help="train-judge: channels of the first stage (default 32)")
     p.add_argument("--max-minutes", type=NONNEG, default=0.0, help="train-judge: wall-clock limit (0 = none)")
-    p.add_argument("--through-tokenizer", default=None, metavar="TOKENIZER",
-                   help="train-judge: train and test on this tokenizer's reconstructions (the recognition ceiling of its tokens)")
+    p.add_argument(
+        "--through-tokenizer",
+        default=None,
+        metavar="TOKENIZER",
+        help="train-judge: train and test on this tokenizer's reconstructions (the recognition ceiling of its tokens)",
+    )
     add_sampler_args(p)
     add_weights_arg(p)
     p.add_argument("--out", default=None, help="fid/agreement: JSON file; train-judge: judge directory")
@@ -45,36 +64,76 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.kind == "train-judge":
         if not args.out:
             raise MageError("train-judge needs --out DIR")
-        m = ev.train_judge(args.data, out=args.out, epochs=args.epochs, width=args.width, batch_size=args.batch_size,
-                           max_minutes=args.max_minutes, data_dir=args.data_dir, seed=args.seed,
-                           through_tokenizer=args.through_tokenizer)
+        m = ev.train_judge(
+            args.data,
+            out=args.out,
+            epochs=args.epochs,
+            width=args.width,
+            batch_size=args.batch_size,
+            max_minutes=args.max_minutes,
+            data_dir=args.data_dir,
+            seed=args.seed,
+            through_tokenizer=args.through_tokenizer,
+        )
         what = f"{args.data} through {args.through_tokenizer}" if args.through_tokenizer else args.data
-        print(json.dumps(m) if args.json else
-              f"judge trained on {what}: test accuracy {m['test_accuracy']:.2f}% ({m['steps']} steps, {m['seconds']:.0f} s) -> {args.out}")
+        print(
+            json.dumps(m)
+            if args.json
+            else f"judge trained on {what}: test accuracy {m['test_accuracy']:.2f}% "
+            f"({m['steps']} steps, {m['seconds']:.0f} s) -> {args.out}"
+        )
         return 0
     if args.kind == "agreement":
         if not args.model or not args.judge:
             raise MageError("agreement needs --model DIR and --judge DIR")
-        r = ev.class_agreement(args.model, judge=args.judge, per_class=args.per_class, sampler=sampler_config(args),
-                               seed=args.seed, batch_size=args.batch_size, grid=args.grid, weights=args.weights)
-        line = (f"class agreement {r['agreement']:.2f}% over {r['num']} samples ({args.per_class} per class, "
-                f"cfg {args.cfg}, {args.steps} steps) | judge test accuracy {r['judge_test_accuracy']:.2f}%")
+        r = ev.class_agreement(
+            args.model,
+            judge=args.judge,
+            per_class=args.per_class,
+            sampler=sampler_config(args),
+            seed=args.seed,
+            batch_size=args.batch_size,
+            grid=args.grid,
+            weights=args.weights,
+        )
+        line = (
+            f"class agreement {r['agreement']:.2f}% over {r['num']} samples ({args.per_class} per class, "
+            f"cfg {args.cfg}, {args.steps} steps) | judge test accuracy {r['judge_test_accuracy']:.2f}%"
+        )
     else:
-        r = ev.evaluate_fid(model=args.model, data=args.data, num=args.num, class_conditional=args.class_conditional,
-                            sampler=sampler_config(args), seed=args.seed, features=args.features,
-                            ref_split=args.ref_split, ref_num=args.ref_num, ref_stats=args.ref_stats,
-                            ref_dir=args.ref_dir, images=args.images, images_split=args.images_split,
-                            data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
-                            weights=args.weights)
+        r = ev.evaluate_fid(
+            model=args.model,
+            data=args.data,
+            num=args.num,
+            class_conditional=args.class_conditional,
+            sampler=sampler_config(args),
+            seed=args.seed,
+            features=args.features,
+            ref_split=args.ref_split,
+            ref_num=args.ref_num,
+            ref_stats=args.ref_stats,
+            ref_dir=args.ref_dir,
+            images=args.images,
+            images_split=args.images_split,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            weights=args.weights,
+        )
         line = ev.fid_line(r)
     if args.out:
         from ..checkpoint import atomic_write_json
+
         atomic_write_json(args.out, r)
     print(json.dumps(r) if args.json else line)
     return 0
 
 
 COMMANDS = (
-    Command("evaluate", "FID / KID / precision-recall, FID-like score, class agreement, judge training",
-            add_evaluate_arguments, run_evaluate),
+    Command(
+        "evaluate",
+        "FID / KID / precision-recall, FID-like score, class agreement, judge training",
+        add_evaluate_arguments,
+        run_evaluate,
+    ),
 )

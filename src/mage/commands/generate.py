@@ -53,8 +53,9 @@ def run_generate(args: argparse.Namespace) -> int:
     elif args.classes is not None:
         raise MageError("--classes takes 'all' (use --class C for one class)")
     else:
-        images = pipe.generate(args.num, class_label=args.class_label, sampler=sampler, seed=args.seed,
-                               batch_size=args.batch_size)
+        images = pipe.generate(
+            args.num, class_label=args.class_label, sampler=sampler, seed=args.seed, batch_size=args.batch_size
+        )
         nrow = None
     _write_images(images, args.out, nrow)
     print(f"wrote {images.shape[0]} image(s) to {args.out}")
@@ -70,7 +71,9 @@ def add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", default=None, help="PNG of the image's size, white = regenerate")
     p.add_argument("--box", default=None, help="x0,y0,x1,y1 in the image's pixels")
     p.add_argument("--class", dest="class_label", default=None, help="fill with this class (replace)")
-    p.add_argument("--feather", type=number(int, 0), default=0, help="soften the paste-back edge inside the mask (pixels)")
+    p.add_argument(
+        "--feather", type=number(int, 0), default=0, help="soften the paste-back edge inside the mask (pixels)"
+    )
     add_sampler_args(p)
     add_weights_arg(p)
     p.add_argument("--out", required=True)
@@ -92,7 +95,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
         m = load_image(args.mask)
         if tuple(m.shape[-2:]) != (H, W):
             raise MageError(f"mask is {m.shape[-1]}x{m.shape[-2]} but the image is {W}x{H}")
-        mask = m.mean(0) > 0.5                                                    # white = regenerate
+        mask = m.mean(0) > 0.5  # white = regenerate
     else:
         try:
             x0, y0, x1, y1 = (int(v) for v in args.box.split(","))
@@ -103,9 +106,10 @@ def run_inpaint(args: argparse.Namespace) -> int:
         mask = torch.zeros(H, W, dtype=torch.bool)
         mask[y0:y1, x0:x1] = True
     x = tf(img)
-    mk = tf(mask.float()[None].expand(3, -1, -1))[0] > 0                        # same geometry as the image
-    out = inpaint(pipe, image=x, mask=mk, class_label=args.class_label, sampler=sampler, seed=args.seed,
-                  feather=args.feather)
+    mk = tf(mask.float()[None].expand(3, -1, -1))[0] > 0  # same geometry as the image
+    out = inpaint(
+        pipe, image=x, mask=mk, class_label=args.class_label, sampler=sampler, seed=args.seed, feather=args.feather
+    )
     save_image(out, args.out)
     print(f"wrote {args.out}")
     return 0
@@ -145,7 +149,11 @@ def run_outpaint(args: argparse.Namespace) -> int:
 
 COMMANDS = (
     Command("generate", "sample images from scratch (optionally of a class)", add_generate_arguments, run_generate),
-    Command("inpaint", "regenerate a region of an image (remove, or replace with --class)", add_inpaint_arguments,
-            run_inpaint),
+    Command(
+        "inpaint",
+        "regenerate a region of an image (remove, or replace with --class)",
+        add_inpaint_arguments,
+        run_inpaint,
+    ),
     Command("outpaint", "extend the canvas (uncrop) on any side", add_outpaint_arguments, run_outpaint),
 )

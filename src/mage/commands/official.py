@@ -18,13 +18,22 @@ def add_import_official_arguments(p: argparse.ArgumentParser) -> None:
 def run_import_official(args: argparse.Namespace) -> int:
     from ..importer import import_official
 
-    rep = import_official(mage_file=args.mage, vqgan_file=args.vqgan, out=args.out, num_heads=args.num_heads,
-                          decoder_num_heads=args.decoder_num_heads)
+    rep = import_official(
+        mage_file=args.mage,
+        vqgan_file=args.vqgan,
+        out=args.out,
+        num_heads=args.num_heads,
+        decoder_num_heads=args.decoder_num_heads,
+    )
     print(rep)
     return 0
 
 
 COMMANDS = (
-    Command("import-official", "convert the released MAGE / VQGAN checkpoints", add_import_official_arguments,
-            run_import_official),
+    Command(
+        "import-official",
+        "convert the released MAGE / VQGAN checkpoints",
+        add_import_official_arguments,
+        run_import_official,
+    ),
 )

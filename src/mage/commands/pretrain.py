@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from .common import POSITIVE, Command, add_compile_arg, add_data_args, add_training_args, number, training_config, workers
+from .common import (
+    POSITIVE,
+    Command,
+    add_compile_arg,
+    add_data_args,
+    add_training_args,
+    number,
+    training_config,
+    workers,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -16,20 +25,41 @@ def add_cache_tokens_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--out", required=True, help="cache file (.safetensors)")
     p.add_argument("--no-flip", action="store_true", help="do not add horizontally flipped copies")
-    p.add_argument("--crops", type=int, default=0, help="also cache K random-resized-crop views per image "
-                   "(the original's augmentation; pre-training draws one view per step)")
-    p.add_argument("--crop-scale", type=float, default=0.2, help="smallest crop area fraction (default 0.2, the original's)")
+    p.add_argument(
+        "--crops",
+        type=int,
+        default=0,
+        help="also cache K random-resized-crop views per image "
+        "(the original's augmentation; pre-training draws one view per step)",
+    )
+    p.add_argument(
+        "--crop-scale", type=float, default=0.2, help="smallest crop area fraction (default 0.2, the original's)"
+    )
     p.add_argument("--batch-size", type=POSITIVE, default=256)
-    p.add_argument("--workers", type=number(int, 0), default=None,
-                   help="DataLoader processes decoding images (default min(4, CPU cores))")
+    p.add_argument(
+        "--workers",
+        type=number(int, 0),
+        default=None,
+        help="DataLoader processes decoding images (default min(4, CPU cores))",
+    )
 
 
 def run_cache_tokens(args: argparse.Namespace) -> int:
     from ..tokens import cache_tokens
 
-    path = cache_tokens(args.tokenizer, data=args.data, out=args.out, split=args.split, data_dir=args.data_dir,
-                        limit=args.limit, flip=not args.no_flip, batch_size=args.batch_size,
-                        crops=args.crops, crop_scale=args.crop_scale, workers=args.workers)
+    path = cache_tokens(
+        args.tokenizer,
+        data=args.data,
+        out=args.out,
+        split=args.split,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        flip=not args.no_flip,
+        batch_size=args.batch_size,
+        crops=args.crops,
+        crop_scale=args.crop_scale,
+        workers=args.workers,
+    )
     print(f"token cache written to {path}")
     return 0
 
@@ -59,15 +89,33 @@ def run_pretrain(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, contrastive_weight=cfg.contrastive_weight or 0.1)
     if args.compile is not None:
         cfg = dataclasses.replace(cfg, compile=args.compile)
-    res = pretrain(cfg, out=args.out, data=args.data, tokenizer=args.tokenizer, cache=args.cache,
-                   data_dir=args.data_dir, limit=args.limit, resume=args.resume, init=args.init,
-                   accum=args.accum, workers=workers(args), class_conditional=args.class_conditional)
-    print(f"MAGE saved to {args.out}: step {res['step']}, loss {res['loss']:.4f}, masked-token acc {100 * res['acc']:.2f}%")
+    res = pretrain(
+        cfg,
+        out=args.out,
+        data=args.data,
+        tokenizer=args.tokenizer,
+        cache=args.cache,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        resume=args.resume,
+        init=args.init,
+        accum=args.accum,
+        workers=workers(args),
+        class_conditional=args.class_conditional,
+    )
+    print(
+        f"MAGE saved to {args.out}: step {res['step']}, loss {res['loss']:.4f}, "
+        f"masked-token acc {100 * res['acc']:.2f}%"
+    )
     return 0
 
 
 COMMANDS = (
-    Command("cache-tokens", "pre-tokenize a dataset (with horizontal-flip copies)", add_cache_tokens_arguments,
-            run_cache_tokens),
+    Command(
+        "cache-tokens",
+        "pre-tokenize a dataset (with horizontal-flip copies)",
+        add_cache_tokens_arguments,
+        run_cache_tokens,
+    ),
     Command("pretrain", "pre-train MAGE by masked token modeling", add_pretrain_arguments, run_pretrain),
 )

@@ -7,11 +7,23 @@ import json
 import os
 
 from ..errors import MageError
-from .common import (POSITIVE, POSITIVE_F, Command, add_compile_arg, add_data_args, add_training_args, image_files,
-                     int_list, training_config, workers)
+from .common import (
+    POSITIVE,
+    POSITIVE_F,
+    Command,
+    add_compile_arg,
+    add_data_args,
+    add_training_args,
+    image_files,
+    int_list,
+    training_config,
+    workers,
+)
 
-POOL_HELP = ("mean (over image tokens, the original's probe; default) | cls (position 0) | "
-             "flat (every image token's feature in raster order, L*D dims: keeps the layout)")
+POOL_HELP = (
+    "mean (over image tokens, the original's probe; default) | cls (position 0) | "
+    "flat (every image token's feature in raster order, L*D dims: keeps the layout)"
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -30,12 +42,17 @@ def run_embed(args: argparse.Namespace) -> int:
 
     if not args.out.endswith((".npz", ".safetensors")):
         raise MageError(f"--out must end in .npz or .safetensors (got {args.out})")
-    r = embed_dataset(args.model, data=args.data, split=args.split, pool=args.pool, data_dir=args.data_dir,
-                      limit=args.limit)
+    r = embed_dataset(
+        args.model, data=args.data, split=args.split, pool=args.pool, data_dir=args.data_dir, limit=args.limit
+    )
     if args.out.endswith(".safetensors"):
         from safetensors.torch import save_file
-        save_file({"features": r["features"].contiguous(), "labels": r["labels"]}, args.out,
-                  metadata={"classes": json.dumps(r["classes"])})
+
+        save_file(
+            {"features": r["features"].contiguous(), "labels": r["labels"]},
+            args.out,
+            metadata={"classes": json.dumps(r["classes"])},
+        )
     else:
         save_features(r, args.out)
     print(f"wrote {r['features'].shape[0]} x {r['features'].shape[1]} features to {args.out}")
@@ -47,8 +64,12 @@ def run_embed(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=["linear", "few-shot"])
-    p.add_argument("--model", required=True, help="MAGE run directory, or a baseline without MAGE: 'pixels' (raw "
-                   "pixels) | 'codes:TOKENIZER' (every token's code vector: what the tokens alone hold)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="MAGE run directory, or a baseline without MAGE: 'pixels' (raw "
+        "pixels) | 'codes:TOKENIZER' (every token's code vector: what the tokens alone hold)",
+    )
     add_data_args(p)
     p.add_argument("--pool", default="mean", help=POOL_HELP)
     p.add_argument("--out", default=None, help="where to save the classifier (linear) / results (few-shot)")
@@ -67,14 +88,25 @@ def run_probe(args: argparse.Namespace) -> int:
 
     from ..recognition import accuracy, cached_features, few_shot, is_baseline, save_classifier, train_probe
 
-    tr = cached_features(args.model, data=args.data, split="train", pool=args.pool, data_dir=args.data_dir, limit=args.limit)
-    te = cached_features(args.model, data=args.data, split="test", pool=args.pool, data_dir=args.data_dir, limit=args.limit)
+    tr = cached_features(
+        args.model, data=args.data, split="train", pool=args.pool, data_dir=args.data_dir, limit=args.limit
+    )
+    te = cached_features(
+        args.model, data=args.data, split="test", pool=args.pool, data_dir=args.data_dir, limit=args.limit
+    )
     if tr["labels"].min() < 0:
         raise MageError(f"{args.data} has no labels: probing needs a labelled dataset")
     C = int(tr["labels"].max()) + 1
     if args.kind == "linear":
-        head = train_probe(tr["features"], train_y=tr["labels"], num_classes=C, epochs=args.epochs, blr=args.blr,
-                           batch_size=args.batch_size, optimizer=args.optimizer)
+        head = train_probe(
+            tr["features"],
+            train_y=tr["labels"],
+            num_classes=C,
+            epochs=args.epochs,
+            blr=args.blr,
+            batch_size=args.batch_size,
+            optimizer=args.optimizer,
+        )
         with torch.no_grad():
             logits = head(te["features"])
         m = {"top1": accuracy(logits, te["labels"], k=1)}
@@ -83,21 +115,42 @@ def run_probe(args: argparse.Namespace) -> int:
         save = bool(args.out) and not is_baseline(args.model)
         if save:
             from ..vqgan import VQTokenizer
+
             size = VQTokenizer.from_pretrained(os.path.join(args.model, "tokenizer")).config.image_size
-            save_classifier(args.out, head=head, model_dir=args.model, pool=args.pool, classes=tr["classes"],
-                            image_size=size, metrics=m)
-        print(json.dumps(m) if args.json else
-              f"linear probe on {args.data} test: top-1 {m['top1']:.2f}%" + (f", top-5 {m['top5']:.2f}%" if "top5" in m else "")
-              + (f" (classifier saved to {args.out})" if save else ""))
+            save_classifier(
+                args.out,
+                head=head,
+                model_dir=args.model,
+                pool=args.pool,
+                classes=tr["classes"],
+                image_size=size,
+                metrics=m,
+            )
+        print(
+            json.dumps(m)
+            if args.json
+            else f"linear probe on {args.data} test: top-1 {m['top1']:.2f}%"
+            + (f", top-5 {m['top5']:.2f}%" if "top5" in m else "")
+            + (f" (classifier saved to {args.out})" if save else "")
+        )
     else:
-        r = few_shot(tr["features"], train_y=tr["labels"], test_f=te["features"], test_y=te["labels"], shots=args.shots,
-                     draws=args.draws, seed=args.seed)
+        r = few_shot(
+            tr["features"],
+            train_y=tr["labels"],
+            test_f=te["features"],
+            test_y=te["labels"],
+            shots=args.shots,
+            draws=args.draws,
+            seed=args.seed,
+        )
         if args.json:
             print(json.dumps(r))
         else:
             for k, v in r.items():
-                print(f"{k}-shot: logistic regression {v['logreg_mean']:.2f} +- {v['logreg_std']:.2f}%, "
-                      f"cosine prototypes {v['proto_mean']:.2f} +- {v['proto_std']:.2f}%  ({args.draws} draws)")
+                print(
+                    f"{k}-shot: logistic regression {v['logreg_mean']:.2f} +- {v['logreg_std']:.2f}%, "
+                    f"cosine prototypes {v['proto_mean']:.2f} +- {v['proto_std']:.2f}%  ({args.draws} draws)"
+                )
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "few_shot.json"), "w") as f:
@@ -112,7 +165,9 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="pre-trained MAGE run directory (required unless resuming)")
     add_data_args(p, required=False)
     add_training_args(p, "fmnist-32")
-    p.add_argument("--cache", default=None, help="token cache of the labelled train split (else --data, tokenized on the fly)")
+    p.add_argument(
+        "--cache", default=None, help="token cache of the labelled train split (else --data, tokenized on the fly)"
+    )
     add_compile_arg(p)
 
 
@@ -127,11 +182,24 @@ def run_finetune(args: argparse.Namespace) -> int:
         raise MageError("give --model (a pre-trained MAGE run directory)")
     if args.compile is not None:
         cfg = dataclasses.replace(cfg, compile=args.compile)
-    r = finetune(cfg, model_dir=args.model, out=args.out, data=args.data, cache=args.cache, data_dir=args.data_dir,
-                 limit=args.limit, resume=args.resume, accum=args.accum, workers=workers(args))
+    r = finetune(
+        cfg,
+        model_dir=args.model,
+        out=args.out,
+        data=args.data,
+        cache=args.cache,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        resume=args.resume,
+        accum=args.accum,
+        workers=workers(args),
+    )
     if "top1" in r:
-        print(f"fine-tuned {r['step']} steps in {r['minutes']:.1f} min: test top-1 {r['top1']:.2f}%"
-              + (f", top-5 {r['top5']:.2f}%" if "top5" in r else "") + f" (classifier: {args.out})")
+        print(
+            f"fine-tuned {r['step']} steps in {r['minutes']:.1f} min: test top-1 {r['top1']:.2f}%"
+            + (f", top-5 {r['top5']:.2f}%" if "top5" in r else "")
+            + f" (classifier: {args.out})"
+        )
     return 0
 
 
@@ -156,7 +224,15 @@ def run_classify(args: argparse.Namespace) -> int:
         x = tf(load_image(path))[None]
         p = clf.predict(x)[0]
         top = p.topk(min(args.top, p.numel()))
-        results.append({"image": path, "top": [{"class": clf.classes[i], "prob": float(v)} for v, i in zip(top.values.tolist(), top.indices.tolist())]})
+        results.append(
+            {
+                "image": path,
+                "top": [
+                    {"class": clf.classes[i], "prob": float(v)}
+                    for v, i in zip(top.values.tolist(), top.indices.tolist())
+                ],
+            }
+        )
     if args.json:
         print(json.dumps(results, indent=2))
     else:

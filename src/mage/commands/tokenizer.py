@@ -26,15 +26,39 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
     cfg, _ = training_config(args, tokenizer_preset)
     if args.data is None:
         raise MageError("give --data (fashion-mnist | mnist | folder:PATH | synthetic)")
-    train = load_dataset(args.data, split="train", image_size=cfg.image_size, augment=cfg.data_augment,
-                         data_dir=args.data_dir, seed=cfg.seed, limit=args.limit)
-    val = load_dataset(args.data, split="val", image_size=cfg.image_size, augment="none", data_dir=args.data_dir,
-                       seed=cfg.seed, limit=args.limit if args.limit else 2000)
-    m = train_tokenizer(cfg, train_set=train, out=args.out, val_set=val, resume=args.resume, accum=args.accum,
-                        workers=workers(args), run_args={"data": args.data, "data_dir": args.data_dir, "limit": args.limit})
-    print(f"tokenizer saved to {args.out}: val PSNR {m['psnr']:.2f} dB, codebook usage {m['usage']:.1f}%, "
-          f"perplexity {m['perplexity']:.1f}, position entropy {m['position_entropy']:.2f} nats "
-          f"({m['step']} steps, {m['train_minutes']:.1f} min)")
+    train = load_dataset(
+        args.data,
+        split="train",
+        image_size=cfg.image_size,
+        augment=cfg.data_augment,
+        data_dir=args.data_dir,
+        seed=cfg.seed,
+        limit=args.limit,
+    )
+    val = load_dataset(
+        args.data,
+        split="val",
+        image_size=cfg.image_size,
+        augment="none",
+        data_dir=args.data_dir,
+        seed=cfg.seed,
+        limit=args.limit if args.limit else 2000,
+    )
+    m = train_tokenizer(
+        cfg,
+        train_set=train,
+        out=args.out,
+        val_set=val,
+        resume=args.resume,
+        accum=args.accum,
+        workers=workers(args),
+        run_args={"data": args.data, "data_dir": args.data_dir, "limit": args.limit},
+    )
+    print(
+        f"tokenizer saved to {args.out}: val PSNR {m['psnr']:.2f} dB, codebook usage {m['usage']:.1f}%, "
+        f"perplexity {m['perplexity']:.1f}, position entropy {m['position_entropy']:.2f} nats "
+        f"({m['step']} steps, {m['train_minutes']:.1f} min)"
+    )
     return 0
 
 
@@ -72,23 +96,44 @@ def run_reconstruct(args: argparse.Namespace) -> int:
             x = tf(load_image(f))[None]
             with torch.no_grad():
                 rec = tok.decode(tok.encode(x)).clamp(0, 1)
-            dst = args.out if single else os.path.join(args.out, os.path.splitext(os.path.relpath(f, args.input))[0] + ".png")
+            dst = (
+                args.out
+                if single
+                else os.path.join(args.out, os.path.splitext(os.path.relpath(f, args.input))[0] + ".png")
+            )
             os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
             save_image(torch.cat([x, rec]) if args.side_by_side else rec[0], dst)
         print(f"wrote {len(files)} reconstruction(s) to {args.out}")
     if args.data is not None:
-        ds = load_dataset(args.data, split=args.split, image_size=tok.config.image_size, augment="none",
-                          data_dir=args.data_dir, seed=0, limit=args.limit)
+        ds = load_dataset(
+            args.data,
+            split=args.split,
+            image_size=tok.config.image_size,
+            augment="none",
+            data_dir=args.data_dir,
+            seed=0,
+            limit=args.limit,
+        )
         m = reconstruction_metrics(tok, ds, progress=True)
         m.update(data=args.data, split=args.split)
-        print(json.dumps(m) if args.json else
-              f"{args.data} {args.split} ({m['images']} images): PSNR {m['psnr']:.2f} dB, codebook usage {m['usage']:.1f}%, "
-              f"perplexity {m['perplexity']:.1f}, position entropy {m['position_entropy']:.2f} nats")
+        print(
+            json.dumps(m)
+            if args.json
+            else f"{args.data} {args.split} ({m['images']} images): PSNR {m['psnr']:.2f} dB, "
+            f"codebook usage {m['usage']:.1f}%, "
+            f"perplexity {m['perplexity']:.1f}, position entropy {m['position_entropy']:.2f} nats"
+        )
     return 0
 
 
 COMMANDS = (
-    Command("train-tokenizer", "train a VQGAN tokenizer on a dataset", add_train_tokenizer_arguments, run_train_tokenizer),
-    Command("reconstruct", "encode + decode images with a tokenizer; --data reports PSNR/usage",
-            add_reconstruct_arguments, run_reconstruct),
+    Command(
+        "train-tokenizer", "train a VQGAN tokenizer on a dataset", add_train_tokenizer_arguments, run_train_tokenizer
+    ),
+    Command(
+        "reconstruct",
+        "encode + decode images with a tokenizer; --data reports PSNR/usage",
+        add_reconstruct_arguments,
+        run_reconstruct,
+    ),
 )
