@@ -11,21 +11,24 @@ from mage.config import (
     FINETUNE_PRESETS,
     MAGE_PRESETS,
     TOKENIZER_PRESETS,
-    MAGEConfig,
+    PretrainConfig,
     apply_overrides,
     finetune_preset,
     from_dict,
     mage_preset,
+    pretrain_preset,
     to_dict,
     tokenizer_preset,
+    tokenizer_training_preset,
 )
 from mage.errors import MageError
 
 
 def test_presets_are_valid_and_round_trip():
     for table in (TOKENIZER_PRESETS, MAGE_PRESETS, FINETUNE_PRESETS):
-        for cfg in table.values():
-            assert from_dict(to_dict(cfg)) == cfg
+        for entry in table.values():
+            for cfg in entry if isinstance(entry, tuple) else (entry,):
+                assert from_dict(to_dict(cfg)) == cfg
 
 
 @pytest.mark.parametrize(
@@ -34,9 +37,9 @@ def test_presets_are_valid_and_round_trip():
         (tokenizer_preset, "image_size=17", "image_size"),  # not a multiple of the downsampling (4)
         (tokenizer_preset, "norm_groups=3", "norm_groups"),  # GroupNorm needs it to divide every width
         (tokenizer_preset, "codebook_size=0", "codebook_size"),
-        (tokenizer_preset, "batch_size=0", "batch_size"),
-        (tokenizer_preset, "max_steps=0", "max_steps"),
-        (tokenizer_preset, "data_augment=jitter", "data_augment"),
+        (tokenizer_training_preset, "batch_size=0", "batch_size"),
+        (tokenizer_training_preset, "max_steps=0", "max_steps"),
+        (tokenizer_training_preset, "data_augment=jitter", "data_augment"),
         (mage_preset, "num_heads=3", "num_heads"),  # 128 wide: 3 heads do not divide it
         (mage_preset, "num_tokens=60", "num_tokens"),  # not a square grid
         (mage_preset, "mask_ratio_min=1.5", "mask_ratio_min"),
@@ -44,10 +47,10 @@ def test_presets_are_valid_and_round_trip():
         (mage_preset, "dropout=1", "dropout"),
         (mage_preset, "label_smoothing=-0.1", "label_smoothing"),
         (mage_preset, "contrastive_temperature=0", "contrastive_temperature"),
-        (mage_preset, "batch_size=0", "batch_size"),
-        (mage_preset, "epochs=0", "epochs"),
-        (mage_preset, "max_steps=-1", "max_steps"),
-        (mage_preset, "compile=fastest", "compile"),
+        (pretrain_preset, "batch_size=0", "batch_size"),
+        (pretrain_preset, "epochs=0", "epochs"),
+        (pretrain_preset, "max_steps=-1", "max_steps"),
+        (pretrain_preset, "compile=fastest", "compile"),
         (finetune_preset, "layer_decay=0", "layer_decay"),
         (finetune_preset, "drop_path=1.0", "drop_path"),
         (finetune_preset, "blr=0", "blr"),
@@ -66,7 +69,19 @@ def test_bad_config_values_are_refused(make, override, field):
 def test_good_overrides_still_apply():
     cfg = apply_overrides(mage_preset("fmnist-32"), ["num_heads=8", "num_tokens=256", "mask_ratio_min=0.0"])
     assert (cfg.num_heads, cfg.head_dim, cfg.num_tokens, cfg.mask_ratio_min) == (8, 16, 256, 0.0)
-    assert MAGEConfig(max_steps=0).max_steps == 0  # 0 = follow epochs
+    assert PretrainConfig(max_steps=0).max_steps == 0  # 0 = follow epochs
+
+
+def test_overrides_go_to_the_architecture_or_the_recipe():
+    """One --set list for an (architecture, recipe) pair; a config.json written before the split still loads."""
+    cfg, train = apply_overrides((mage_preset("tiny"), pretrain_preset("tiny")), ["embed_dim=64", "blr=2e-3"])
+    assert cfg.embed_dim == 64 and train.blr == 2e-3 and not hasattr(cfg, "blr")
+    with pytest.raises(MageError, match="unknown config field 'nope' for MAGEConfig or PretrainConfig"):
+        apply_overrides((cfg, train), ["nope=1"])
+    old = {**to_dict(cfg), **dataclasses.asdict(train)}  # architecture and recipe in one file
+    assert from_dict(old) == cfg
+    with pytest.raises(MageError, match="unknown fields"):
+        from_dict({**to_dict(cfg), "nope": 1})
 
 
 @pytest.mark.parametrize(

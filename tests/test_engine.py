@@ -148,7 +148,7 @@ def test_resume_keeps_the_runs_settings(tiny_setup, tmp_path):  # noqa: F811
     assert r.returncode == 2 and "blr 0.002 -> 0.001" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = run_cli("pretrain", "--out", out, "--resume", "--max-steps", "6")  # data, cache, seed, lr: the run's own
     assert r.returncode == 0, r.stderr
-    cfg = json.load(open(os.path.join(step_dirs(out)[-1][1], "config.json")))
+    cfg = json.load(open(os.path.join(step_dirs(out)[-1][1], "train.json")))  # the recipe, beside config.json
     assert cfg["blr"] == 2e-3 and cfg["seed"] == 3 and cfg["max_steps"] == 6 and step_dirs(out)[-1][0] == 6
 
 
@@ -160,10 +160,10 @@ def test_time_limited_resume_continues_the_schedule(tiny_setup, tmp_path):  # no
     _, _, cache = tiny_setup
     out = str(tmp_path / "t")
     cfg = _cfg(max_steps=100_000, max_minutes=0.08, warmup_epochs=0, dropout=0.0)
-    pretrain(cfg, out, cache=cache, progress=False, stop_at=30)
+    pretrain(*cfg, out, cache=cache, progress=False, stop_at=30)
     before = read_log(os.path.join(out, "log.jsonl"))
     time.sleep(1.0)  # the time between kill and resume is not the run's
-    pretrain(cfg, out, cache=cache, progress=False, resume=True)
+    pretrain(*cfg, out, cache=cache, progress=False, resume=True)
     after = read_log(os.path.join(out, "log.jsonl"))[len(before) :]
     assert after and after[0]["lr"] <= before[-1]["lr"] + 1e-12
     assert all(a["lr"] >= b["lr"] - 1e-12 for a, b in zip(after, after[1:]))
@@ -174,9 +174,9 @@ def test_ema_resume_equals_straight_run(tiny_setup, tmp_path):  # noqa: F811
     from mage.pretrain import pretrain
 
     _, _, cache = tiny_setup
-    pretrain(_cfg(ema_decay=0.9), str(tmp_path / "a"), cache=cache, progress=False)
-    pretrain(_cfg(ema_decay=0.9), str(tmp_path / "b"), cache=cache, progress=False, stop_at=3)
-    pretrain(_cfg(ema_decay=0.9), str(tmp_path / "b"), cache=cache, progress=False, resume=True)
+    pretrain(*_cfg(ema_decay=0.9), str(tmp_path / "a"), cache=cache, progress=False)
+    pretrain(*_cfg(ema_decay=0.9), str(tmp_path / "b"), cache=cache, progress=False, stop_at=3)
+    pretrain(*_cfg(ema_decay=0.9), str(tmp_path / "b"), cache=cache, progress=False, resume=True)
     a, b = (load_file(str(tmp_path / r / "ema" / "model.safetensors")) for r in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -186,7 +186,7 @@ def test_train_state_is_not_a_pickle_of_code(tiny_setup, tmp_path):  # noqa: F81
     from mage.pretrain import pretrain
 
     _, _, cache = tiny_setup
-    pretrain(_cfg(ema_decay=0.9, max_steps=2), str(tmp_path / "a"), cache=cache, progress=False)
+    pretrain(*_cfg(ema_decay=0.9, max_steps=2), str(tmp_path / "a"), cache=cache, progress=False)
     st = torch.load(os.path.join(step_dirs(str(tmp_path / "a"))[-1][1], "train_state.pt"), weights_only=True)
     assert st["step"] == 2 and "elapsed_s" in st and st["ema"] is not None
 

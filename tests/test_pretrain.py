@@ -1,6 +1,5 @@
 """Pre-training: token cache, CLI, bit-exact resume, DDP equivalence (2 gloo ranks), official import, errors."""
 
-import dataclasses
 import json
 import math
 import os
@@ -13,7 +12,7 @@ import torch
 
 from conftest import rel_err
 from mage.checkpoint import save_checkpoint
-from mage.config import finetune_preset, mage_preset, tokenizer_preset
+from mage.config import finetune_preset, mage_preset, pretrain_preset, replace_fields, tokenizer_preset
 from mage.errors import MageError
 from mage.model import MAGE
 from mage.pretrain import cache_tokens, pretrain
@@ -33,10 +32,9 @@ def tiny_setup(tmp_path_factory):
 
 
 def _cfg(**kw):
-    cfg = mage_preset("tiny")
-    cfg = dataclasses.replace(cfg, max_steps=10, log_every=1, ckpt_every=5)
-    cfg = dataclasses.replace(cfg, **kw)
-    return cfg
+    """The tiny (architecture, recipe) pair with ``kw`` routed to whichever has the field."""
+    kw = {"max_steps": 10, "log_every": 1, "ckpt_every": 5, **kw}
+    return replace_fields((mage_preset("tiny"), pretrain_preset("tiny")), **kw)
 
 
 def test_cache_has_flip_views(tiny_setup):
@@ -69,7 +67,7 @@ def test_cache_crop_views(tiny_setup, tmp_path):
 def test_pretrain_runs_and_learns(tiny_setup, tmp_path):
     _, tok, cache = tiny_setup
     cfg = _cfg(max_steps=40, dropout=0.0, blr=4e-3, ckpt_every=40)
-    res = pretrain(cfg, str(tmp_path / "run"), cache=cache, progress=False)
+    res = pretrain(*cfg, str(tmp_path / "run"), cache=cache, progress=False)
     log = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
     assert len(log) == 40 and res["step"] == 40
     assert sum(r["loss"] for r in log[-5:]) < sum(r["loss"] for r in log[:5])
@@ -82,9 +80,9 @@ def test_pretrain_runs_and_learns(tiny_setup, tmp_path):
 def test_resume_is_bit_exact(tiny_setup, tmp_path):
     _, tok, cache = tiny_setup
     cfg = _cfg()  # dropout 0.1 on: its RNG must be restored too
-    pretrain(cfg, str(tmp_path / "a"), cache=cache, progress=False)
-    pretrain(_cfg(), str(tmp_path / "b"), cache=cache, progress=False, stop_at=3)
-    pretrain(_cfg(), str(tmp_path / "b"), cache=cache, progress=False, resume=True)
+    pretrain(*cfg, str(tmp_path / "a"), cache=cache, progress=False)
+    pretrain(*_cfg(), str(tmp_path / "b"), cache=cache, progress=False, stop_at=3)
+    pretrain(*_cfg(), str(tmp_path / "b"), cache=cache, progress=False, resume=True)
     a = MAGE.from_pretrained(str(tmp_path / "a")).state_dict()
     b = MAGE.from_pretrained(str(tmp_path / "b")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -94,10 +92,10 @@ def test_resume_is_bit_exact(tiny_setup, tmp_path):
     # starting afresh over run b would lose it (its newer checkpoints would even outlive the new run's): refused
     before = sorted(os.listdir(tmp_path / "b" / "checkpoints"))
     with pytest.raises(MageError, match="already holds a run.*--resume"):
-        pretrain(_cfg(), str(tmp_path / "b"), cache=cache, progress=False)
+        pretrain(*_cfg(), str(tmp_path / "b"), cache=cache, progress=False)
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == before
     with pytest.raises(MageError, match="other settings.*embed_dim 32 -> 64"):  # resuming with other widths
-        pretrain(_cfg(embed_dim=64), str(tmp_path / "b"), cache=cache, progress=False, resume=True)
+        pretrain(*_cfg(embed_dim=64), str(tmp_path / "b"), cache=cache, progress=False, resume=True)
     r = run_cli("pretrain", "--cache", cache, "--preset", "tiny", "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and r.stderr.startswith("mage: error:") and "--resume" in r.stderr, r.stderr
 
@@ -105,7 +103,7 @@ def test_resume_is_bit_exact(tiny_setup, tmp_path):
 def test_a_run_cut_short_logs_its_last_step(tiny_setup, tmp_path):
     """Stopped between log steps (time budget, interruption), the run still reports a loss, not nan."""
     _, _, cache = tiny_setup
-    res = pretrain(_cfg(log_every=5), str(tmp_path / "s"), cache=cache, progress=False, stop_at=3)
+    res = pretrain(*_cfg(log_every=5), str(tmp_path / "s"), cache=cache, progress=False, stop_at=3)
     assert res["step"] == 3 and math.isfinite(res["loss"])
     assert [json.loads(l)["step"] for l in open(tmp_path / "s" / "log.jsonl")] == [3]
 
@@ -179,8 +177,8 @@ def test_compile_trains_like_eager(tiny_setup, tmp_path, capsys, mode):
     On a GPU (where pretrain runs by itself) also with CUDA graphs; bf16 autocast there, hence the looser bound."""
     _, _, cache = tiny_setup
     kw = dict(max_steps=4, dropout=0.0, contrastive_weight=0.1, ckpt_every=4)
-    pretrain(_cfg(**kw), str(tmp_path / "eager"), cache=cache, progress=False)
-    pretrain(_cfg(**kw, compile=mode), str(tmp_path / "compiled"), cache=cache, progress=False)
+    pretrain(*_cfg(**kw), str(tmp_path / "eager"), cache=cache, progress=False)
+    pretrain(*_cfg(**kw, compile=mode), str(tmp_path / "compiled"), cache=cache, progress=False)
     assert "warning" not in capsys.readouterr().out
     le = [json.loads(l)["loss"] for l in open(tmp_path / "eager" / "log.jsonl")]
     lc = [json.loads(l)["loss"] for l in open(tmp_path / "compiled" / "log.jsonl")]
@@ -198,9 +196,9 @@ def test_compile_failure_falls_back_to_eager(tiny_setup, tmp_path, capsys, monke
 
         return f
 
-    pretrain(_cfg(max_steps=3), str(tmp_path / "eager"), cache=cache, progress=False)
+    pretrain(*_cfg(max_steps=3), str(tmp_path / "eager"), cache=cache, progress=False)
     monkeypatch.setattr(torch, "compile", broken)
-    pretrain(_cfg(max_steps=3, compile="reduce-overhead"), str(tmp_path / "fb"), cache=cache, progress=False)
+    pretrain(*_cfg(max_steps=3, compile="reduce-overhead"), str(tmp_path / "fb"), cache=cache, progress=False)
     out = capsys.readouterr().out
     assert "warning: --compile reduce-overhead failed (RuntimeError: no compiler here); training eagerly" in out
     le = [json.loads(l)["loss"] for l in open(tmp_path / "eager" / "log.jsonl")]
@@ -263,7 +261,7 @@ def test_bad_inputs(tiny_setup, tmp_path):
 def test_mage_c_loss_finite_and_decreasing(tiny_setup, tmp_path):
     _, _, cache = tiny_setup
     cfg = _cfg(contrastive_weight=0.1, max_steps=30, blr=3e-3)
-    pretrain(cfg, str(tmp_path / "c"), cache=cache, progress=False)
+    pretrain(*cfg, str(tmp_path / "c"), cache=cache, progress=False)
     rows = [json.loads(line) for line in open(tmp_path / "c" / "log.jsonl")]
     c = [r["contrastive"] for r in rows]
     assert all(map(math.isfinite, c)) and all(math.isfinite(r["loss"]) for r in rows)
@@ -299,6 +297,7 @@ def test_gpu_presets_keep_the_fmnist_model():
         "mlp_ratio",
     )
     assert [getattr(cpu, k) for k in arch] == [getattr(gpu, k) for k in arch]
-    assert gpu.blr * gpu.batch_size / 256 == pytest.approx(2e-3) and gpu.dropout == 0.1 and gpu.max_minutes == 0
+    train = pretrain_preset("fmnist-32-gpu")
+    assert train.blr * train.batch_size / 256 == pytest.approx(2e-3) and gpu.dropout == 0.1 and train.max_minutes == 0
     ft = finetune_preset("fmnist-32-gpu")
     assert ft.bf16 and ft.batch_size == 1024 and ft.layer_decay == finetune_preset("fmnist-32").layer_decay

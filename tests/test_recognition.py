@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mage.checkpoint import load_checkpoint
-from mage.config import mage_preset
+from mage.config import mage_preset, pretrain_preset
 from mage.errors import MageError
 from mage.pretrain import pretrain
 from mage.recognition import ProbeHead, few_shot, pool_features, sample_shots, train_probe
@@ -55,9 +55,13 @@ def test_probe_and_few_shot_learn_separable_features():
 
 def test_probe_cli_classify_round_trip(tiny_setup, tmp_path):  # noqa: F811
     _, tok, cache = tiny_setup
-    cfg = mage_preset("tiny")
-    cfg = dataclasses.replace(cfg, max_steps=20)
-    pretrain(cfg, str(tmp_path / "m"), cache=cache, progress=False)
+    pretrain(
+        mage_preset("tiny"),
+        dataclasses.replace(pretrain_preset("tiny"), max_steps=20),
+        str(tmp_path / "m"),
+        cache=cache,
+        progress=False,
+    )
     before, _, _ = load_checkpoint(str(tmp_path / "m"))
     r = run_cli(
         "probe",
@@ -178,9 +182,13 @@ def test_features_and_token_cache_on_cuda(tiny_setup, tmp_path):  # noqa: F811
     from mage.recognition import extract_features
 
     _, tok, _ = tiny_setup
-    cfg = mage_preset("tiny")
-    cfg = dataclasses.replace(cfg, max_steps=2)
-    pretrain(cfg, str(tmp_path / "m"), cache=tiny_setup[2], progress=False)
+    pretrain(
+        mage_preset("tiny"),
+        dataclasses.replace(pretrain_preset("tiny"), max_steps=2),
+        str(tmp_path / "m"),
+        cache=tiny_setup[2],
+        progress=False,
+    )
     x = torch.rand(4, 3, 16, 16)
     cpu, gpu = (MAGEPipeline.from_pretrained(str(tmp_path / "m"), device=d) for d in ("cpu", "cuda"))
     f_cpu = extract_features(cpu.model, cpu.tokenizer, x)
@@ -210,9 +218,13 @@ def test_features_and_token_cache_on_cuda(tiny_setup, tmp_path):  # noqa: F811
 # --------------------------------------------------------------------------------------------------
 def _pretrained(tiny_setup, tmp_path):  # noqa: F811
     _, _, cache = tiny_setup
-    cfg = mage_preset("tiny")
-    cfg = dataclasses.replace(cfg, max_steps=4)
-    pretrain(cfg, str(tmp_path / "m"), cache=cache, progress=False)
+    pretrain(
+        mage_preset("tiny"),
+        dataclasses.replace(pretrain_preset("tiny"), max_steps=4),
+        str(tmp_path / "m"),
+        cache=cache,
+        progress=False,
+    )
     return str(tmp_path / "m"), cache
 
 

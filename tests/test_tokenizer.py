@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mage.checkpoint import save_checkpoint
-from mage.config import tokenizer_preset
+from mage.config import tokenizer_preset, tokenizer_training_preset
 from mage.data import load_dataset
 from mage.errors import MageError
 from mage.train_tokenizer import train_tokenizer
@@ -93,23 +93,25 @@ def test_save_load_round_trip(tmp_path):
 
 def test_training_improves_and_resumes_exactly(tmp_path):
     cfg = tokenizer_preset("tiny")
-    cfg = dataclasses.replace(cfg, max_steps=16, ckpt_every=8, sample_every=8, adversarial_start=4)
+    recipe = dataclasses.replace(
+        tokenizer_training_preset("tiny"), max_steps=16, ckpt_every=8, sample_every=8, adversarial_start=4
+    )
     train = load_dataset("synthetic", "train", cfg.image_size, "flip", limit=64)
     val = load_dataset("synthetic", "val", cfg.image_size, limit=32)
-    m = train_tokenizer(cfg, train, str(tmp_path / "a"), val, progress=False)
+    m = train_tokenizer(cfg, recipe, train, str(tmp_path / "a"), val, progress=False)
     log = [json.loads(l) for l in open(tmp_path / "a" / "log.jsonl")]
     assert log[-1]["rec"] < log[0]["rec"]
     assert 0 < m["usage"] <= 100 and m["perplexity"] >= 1
     assert (tmp_path / "a" / "samples" / "recon-0000016.png").is_file()
     # k steps, then resume to N == N straight
-    train_tokenizer(cfg, train, str(tmp_path / "b"), progress=False, stop_at=6)
-    train_tokenizer(cfg, train, str(tmp_path / "b"), resume=True, progress=False)
+    train_tokenizer(cfg, recipe, train, str(tmp_path / "b"), progress=False, stop_at=6)
+    train_tokenizer(cfg, recipe, train, str(tmp_path / "b"), resume=True, progress=False)
     a = VQTokenizer.from_pretrained(str(tmp_path / "a")).state_dict()
     b = VQTokenizer.from_pretrained(str(tmp_path / "b")).state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(MageError, match="already holds a run"):  # not over a finished run without --resume
-        train_tokenizer(cfg, train, str(tmp_path / "b"), progress=False)
+        train_tokenizer(cfg, recipe, train, str(tmp_path / "b"), progress=False)
 
 
 def test_bad_inputs():

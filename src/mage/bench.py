@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import mage_preset, tokenizer_preset
+from .config import mage_preset, pretrain_preset, tokenizer_preset
 from .errors import MageError
 
 TOKENIZER_FOR = {"tiny": "tiny", "fmnist-32": "fmnist-32", "vit-b": "maskgit-256", "vit-l": "maskgit-256"}
@@ -226,9 +226,9 @@ def measure(
             else:
                 model.train()
                 opt = (
-                    torch.optim.AdamW(model.parameters(), lr=1e-4, betas=mcfg.betas)
+                    torch.optim.AdamW(model.parameters(), lr=1e-4, betas=pretrain_preset(preset).betas)
                     if baseline  # PyTorch's default
-                    else adamw(list(model.parameters()), dev, lr=1e-4, betas=mcfg.betas)
+                    else adamw(list(model.parameters()), dev, lr=1e-4, betas=pretrain_preset(preset).betas)
                 )  # as pretrain
                 tokens = torch.randint(0, mcfg.codebook_size, (batch, mcfg.num_tokens), generator=g).to(dev)
                 drop, mask, _ = model.sample_masks(batch, g, dev)

@@ -86,9 +86,8 @@ def _wrap(field: str, check: Callable[[str], None], value: str) -> None:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """VQGAN architecture (MAGE.md 2.2) and its training recipe."""
+    """VQGAN architecture (MAGE.md 2.2): what a tokenizer checkpoint's config.json holds."""
 
-    # architecture
     image_size: int = 256
     in_channels: int = 3
     base_channels: int = 128  # ch
@@ -98,7 +97,46 @@ class TokenizerConfig:
     code_dim: int = 256  # z_channels = embed_dim
     norm_groups: int = 32
     dropout: float = 0.0
-    # training
+
+    def __post_init__(self) -> None:
+        groups_ok = all(self.base_channels * m % self.norm_groups == 0 for m in self.channel_mult)
+        _check(
+            self,
+            [
+                ("image_size", self.image_size >= 1),
+                ("in_channels", self.in_channels >= 1),
+                ("base_channels", self.base_channels >= 1),
+                ("num_res_blocks", self.num_res_blocks >= 1),
+                ("channel_mult", len(self.channel_mult) >= 1 and min(self.channel_mult) >= 1),
+                ("codebook_size", self.codebook_size >= 2),
+                ("code_dim", self.code_dim >= 1),
+                ("norm_groups", self.norm_groups >= 1 and groups_ok),
+                ("dropout", 0 <= self.dropout < 1),
+            ],
+        )
+        if self.image_size % self.downsample:
+            raise MageError(
+                f"bad config: image_size={self.image_size} is not a multiple of the downsampling factor "
+                f"{self.downsample} (2 ** (len(channel_mult) - 1))"
+            )
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+
+@dataclass(frozen=True)
+class TokenizerTraining:
+    """The tokenizer's training recipe (losses, discriminator, optimizer, loop): a run's train.json."""
+
     data_augment: str = "flip"  # none | flip | crop-flip (see transforms.build_transform)
     batch_size: int = 64
     lr: float = 2e-4
@@ -125,22 +163,10 @@ class TokenizerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        weights = ("weight_decay", "commitment_weight", "codebook_weight", "l1_weight", "l2_weight")
         _check(
             self,
             [
-                ("image_size", self.image_size >= 1),
-                ("in_channels", self.in_channels >= 1),
-                ("base_channels", self.base_channels >= 1),
-                ("num_res_blocks", self.num_res_blocks >= 1),
-                ("channel_mult", len(self.channel_mult) >= 1 and min(self.channel_mult) >= 1),
-                ("codebook_size", self.codebook_size >= 2),
-                ("code_dim", self.code_dim >= 1),
-                (
-                    "norm_groups",
-                    self.norm_groups >= 1
-                    and all(self.base_channels * m % self.norm_groups == 0 for m in self.channel_mult),
-                ),
-                ("dropout", 0 <= self.dropout < 1),
                 ("batch_size", self.batch_size >= 1),
                 ("lr", self.lr > 0),
                 ("max_steps", self.max_steps >= 1),
@@ -155,42 +181,24 @@ class TokenizerConfig:
                 ("sample_every", self.sample_every >= 1),
                 ("ckpt_every", self.ckpt_every >= 1),
             ]
-            + [
-                (f, getattr(self, f) >= 0)
-                for f in (
-                    "weight_decay",
-                    "commitment_weight",
-                    "codebook_weight",
-                    "l1_weight",
-                    "l2_weight",
-                    "perceptual_weight",
-                    "adversarial_weight",
-                )
-            ],
+            + [(f, getattr(self, f) >= 0) for f in (*weights, "perceptual_weight", "adversarial_weight")],
         )
-        if self.image_size % self.downsample:
-            raise MageError(
-                f"bad config: image_size={self.image_size} is not a multiple of the downsampling factor "
-                f"{self.downsample} (2 ** (len(channel_mult) - 1))"
-            )
         _check_augment(self.data_augment)
 
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
 
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.downsample
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid_size**2
+def _pair(arch: type, recipe: type, **fields: Any) -> tuple[Any, Any]:
+    """A preset written as one list of fields -> (architecture config, training recipe)."""
+    names = {f.name for f in dataclasses.fields(arch)}
+    return arch(**{k: v for k, v in fields.items() if k in names}), recipe(
+        **{k: v for k, v in fields.items() if k not in names}
+    )
 
 
-TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
+TOKENIZER_PRESETS: dict[str, tuple[TokenizerConfig, TokenizerTraining]] = {
     # seconds-long tests
-    "tiny": TokenizerConfig(
+    "tiny": _pair(
+        TokenizerConfig,
+        TokenizerTraining,
         image_size=16,
         base_channels=8,
         channel_mult=(1, 2, 2),
@@ -208,12 +216,14 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
         ckpt_every=10,
         dead_code_restart_every=5,
         warmup_steps=2,
-    ),
+    ),  # fmt: skip
     # the demo: 32x32 Fashion-MNIST, f=4 -> 8x8 = 64 tokens
     # widths 16-32-64: 2.2x cheaper per step on 2 CPU cores than 32-64-64, so more steps in the budget;
     # no GAN: in a 20-minute run the hinge loss cost ~1.5 dB of PSNR at 32 px (24.9 -> 23.4 dB) for no
     # visible gain (``--set adversarial_weight=0.1`` turns it back on)
-    "fmnist-32": TokenizerConfig(
+    "fmnist-32": _pair(
+        TokenizerConfig,
+        TokenizerTraining,
         image_size=32,
         base_channels=16,
         channel_mult=(1, 2, 4),
@@ -233,16 +243,18 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
         bf16=False,
         sample_every=250,
         ckpt_every=250,
-    ),
+    ),  # fmt: skip
     # exactly the original MaskGIT/MAGE tokenizer (vqgan_jax_strongaug.ckpt)
-    "maskgit-256": TokenizerConfig(
+    "maskgit-256": _pair(
+        TokenizerConfig,
+        TokenizerTraining,
         data_augment="crop-flip",
         batch_size=32,
         lr=1e-4,
         betas=(0.0, 0.99),
         max_steps=1_000_000,
         adversarial_start=20_000,
-    ),
+    ),  # fmt: skip
 }
 
 
@@ -251,7 +263,8 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MAGEConfig:
-    """MAGE ViT encoder-decoder (MAGE.md 3) and its pre-training recipe (MAGE.md 6)."""
+    """MAGE ViT encoder-decoder (MAGE.md 3) and the masked-token objective it computes: what a MAGE
+    checkpoint's config.json holds."""
 
     # token grid and vocabulary (see vocab.py for the layout derived from these)
     num_tokens: int = 256  # image tokens per image (16x16 for 256 px)
@@ -279,7 +292,44 @@ class MAGEConfig:
     contrastive_weight: float = 0.0  # lambda; 0 = plain MAGE
     contrastive_temperature: float = 0.2
     contrastive_dim: int = 256
-    # pre-training recipe
+    grad_checkpointing: bool = False  # recompute block activations in the backward (memory for time)
+
+    def __post_init__(self) -> None:
+        side = math.isqrt(max(self.num_tokens, 0))
+        dec_heads_ok = self.decoder_num_heads >= 1 and self.decoder_embed_dim % self.decoder_num_heads == 0
+        _check(
+            self,
+            [
+                ("num_tokens", self.num_tokens >= 1 and side * side == self.num_tokens),
+                ("codebook_size", self.codebook_size >= 2),
+                ("num_classes", self.num_classes >= 0),
+                ("depth", self.depth >= 1),
+                ("decoder_depth", self.decoder_depth >= 1),
+                ("num_heads", self.num_heads >= 1 and self.embed_dim % self.num_heads == 0),
+                ("decoder_num_heads", dec_heads_ok),
+                ("mlp_ratio", self.mlp_ratio > 0),
+                ("dropout", 0 <= self.dropout < 1),
+                ("drop_path", 0 <= self.drop_path < 1),
+                ("mask_ratio_min", 0 <= self.mask_ratio_min <= self.mask_ratio_max),
+                ("mask_ratio_max", self.mask_ratio_min <= self.mask_ratio_max <= 1),
+                ("mask_ratio_std", self.mask_ratio_std > 0),
+                ("label_smoothing", 0 <= self.label_smoothing < 1),
+                ("class_drop_prob", 0 <= self.class_drop_prob <= 1),
+                ("contrastive_weight", self.contrastive_weight >= 0),
+                ("contrastive_temperature", self.contrastive_temperature > 0),
+                ("contrastive_dim", self.contrastive_dim >= 1),
+            ],
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """MAGE's pre-training recipe (MAGE.md 6): a run's train.json."""
+
     batch_size: int = 4096  # global batch, split across ranks
     blr: float = 1.5e-4  # lr = blr * batch_size / 256
     min_lr: float = 0.0
@@ -292,7 +342,6 @@ class MAGEConfig:
     grad_clip: float = 3.0
     ema_decay: float = 0.0  # 0 = no EMA (the original)
     bf16: bool = True
-    grad_checkpointing: bool = False
     compile: str = ""  # torch.compile mode of the training forward+backward ("" = eager), see compiling.MODES
     data_augment: str = "crop-flip"
     log_every: int = 20
@@ -300,45 +349,15 @@ class MAGEConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        side = math.isqrt(max(self.num_tokens, 0))
-        _check(
-            self,
-            [
-                ("num_tokens", self.num_tokens >= 1 and side * side == self.num_tokens),
-                ("codebook_size", self.codebook_size >= 2),
-                ("num_classes", self.num_classes >= 0),
-                ("depth", self.depth >= 1),
-                ("decoder_depth", self.decoder_depth >= 1),
-                ("num_heads", self.num_heads >= 1 and self.embed_dim % self.num_heads == 0),
-                (
-                    "decoder_num_heads",
-                    self.decoder_num_heads >= 1 and self.decoder_embed_dim % self.decoder_num_heads == 0,
-                ),
-                ("mlp_ratio", self.mlp_ratio > 0),
-                ("dropout", 0 <= self.dropout < 1),
-                ("drop_path", 0 <= self.drop_path < 1),
-                ("mask_ratio_min", 0 <= self.mask_ratio_min <= self.mask_ratio_max),
-                ("mask_ratio_max", self.mask_ratio_min <= self.mask_ratio_max <= 1),
-                ("mask_ratio_std", self.mask_ratio_std > 0),
-                ("label_smoothing", 0 <= self.label_smoothing < 1),
-                ("class_drop_prob", 0 <= self.class_drop_prob <= 1),
-                ("contrastive_weight", self.contrastive_weight >= 0),
-                ("contrastive_temperature", self.contrastive_temperature > 0),
-                ("contrastive_dim", self.contrastive_dim >= 1),
-                ("ema_decay", 0 <= self.ema_decay < 1),
-            ]
-            + _recipe_checks(self),
-        )
+        _check(self, [("ema_decay", 0 <= self.ema_decay < 1)] + _recipe_checks(self))
         _check_augment(self.data_augment)
         _check_compile(self.compile)
 
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
 
-
-MAGE_PRESETS: dict[str, MAGEConfig] = {
-    "tiny": MAGEConfig(
+MAGE_PRESETS: dict[str, tuple[MAGEConfig, PretrainConfig]] = {
+    "tiny": _pair(
+        MAGEConfig,
+        PretrainConfig,
         num_tokens=16,
         codebook_size=32,
         embed_dim=32,
@@ -355,12 +374,14 @@ MAGE_PRESETS: dict[str, MAGEConfig] = {
         data_augment="flip",
         log_every=2,
         ckpt_every=5,
-    ),
+    ),  # fmt: skip
     # the demo, paired with the fmnist-32 tokenizer (8x8 tokens, 512 codes). Sized for minutes on 2 CPU cores:
     # width 128 with a 2-block decoder runs 2.2x the images/s of 192 wide x 3, and at equal time (6 min, same
     # tokens) gave loss 5.89 vs 6.14, linear probe 54.4 vs 48.8%, class agreement 12.5 vs 7.0%;
     # dropout 0 because such runs see each image only a few times and CPU dropout costs ~25% of the step.
-    "fmnist-32": MAGEConfig(
+    "fmnist-32": _pair(
+        MAGEConfig,
+        PretrainConfig,
         num_tokens=64,
         codebook_size=512,
         embed_dim=128,
@@ -377,32 +398,29 @@ MAGE_PRESETS: dict[str, MAGEConfig] = {
         max_minutes=30.0,
         data_augment="flip",
         ckpt_every=200,
-    ),
-    "vit-b": MAGEConfig(legacy_vocab=True),
-    "vit-l": MAGEConfig(
-        legacy_vocab=True,
-        embed_dim=1024,
-        depth=24,
-        num_heads=16,
-        decoder_embed_dim=1024,
-        decoder_depth=8,
-        decoder_num_heads=16,
-        grad_checkpointing=True,
-    ),
+    ),  # fmt: skip
+    "vit-b": (MAGEConfig(legacy_vocab=True), PretrainConfig()),
+    "vit-l": (
+        MAGEConfig(
+            legacy_vocab=True,
+            embed_dim=1024,
+            depth=24,
+            num_heads=16,
+            decoder_embed_dim=1024,
+            decoder_depth=8,
+            decoder_num_heads=16,
+            grad_checkpointing=True,
+        ),
+        PretrainConfig(),
+    ),  # fmt: skip
 }
 # the same model with a GPU recipe: ~100 epochs in 6.5 min on an H200 (sharing it with two other runs), with the
 # original's dropout and 5 warm-up epochs; lr = 5e-4 * 1024 / 256 = 2e-3. Pair it with a --crops token cache.
-MAGE_PRESETS["fmnist-32-gpu"] = dataclasses.replace(
-    MAGE_PRESETS["fmnist-32"],
-    dropout=0.1,
-    batch_size=1024,
-    blr=5e-4,
-    epochs=100,
-    warmup_epochs=5,
-    max_minutes=0.0,
-    log_every=50,
-    ckpt_every=1000,
-)
+MAGE_PRESETS["fmnist-32-gpu"] = (
+    dataclasses.replace(MAGE_PRESETS["fmnist-32"][0], dropout=0.1),
+    dataclasses.replace(MAGE_PRESETS["fmnist-32"][1], batch_size=1024, blr=5e-4, epochs=100, warmup_epochs=5,
+                        max_minutes=0.0, log_every=50, ckpt_every=1000),
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,22 +498,32 @@ FINETUNE_PRESETS["fmnist-32-gpu"] = dataclasses.replace(
 def _preset(table: dict[str, T], name: str, what: str) -> T:
     if name not in table:
         raise MageError(f"unknown {what} preset '{name}' (choose from: {', '.join(table)})")
-    return dataclasses.replace(table[name])
+    return table[name]  # frozen: a preset can be shared, changes go through dataclasses.replace
 
 
 def tokenizer_preset(name: str) -> TokenizerConfig:
-    """A fresh copy of a named tokenizer preset."""
-    return _preset(TOKENIZER_PRESETS, name, "tokenizer")
+    """A named tokenizer architecture."""
+    return _preset(TOKENIZER_PRESETS, name, "tokenizer")[0]
+
+
+def tokenizer_training_preset(name: str) -> TokenizerTraining:
+    """The training recipe of a named tokenizer preset."""
+    return _preset(TOKENIZER_PRESETS, name, "tokenizer")[1]
 
 
 def finetune_preset(name: str) -> FinetuneConfig:
-    """A fresh copy of a named fine-tuning preset."""
+    """A named fine-tuning recipe."""
     return _preset(FINETUNE_PRESETS, name, "fine-tune")
 
 
 def mage_preset(name: str) -> MAGEConfig:
-    """A fresh copy of a named MAGE preset."""
-    return _preset(MAGE_PRESETS, name, "MAGE")
+    """A named MAGE architecture."""
+    return _preset(MAGE_PRESETS, name, "MAGE")[0]
+
+
+def pretrain_preset(name: str) -> PretrainConfig:
+    """The pre-training recipe of a named MAGE preset."""
+    return _preset(MAGE_PRESETS, name, "MAGE")[1]
 
 
 def _coerce(value: str, typ: Any, name: str) -> Any:
@@ -519,36 +547,57 @@ def _coerce(value: str, typ: Any, name: str) -> Any:
         ) from None
 
 
+def replace_fields(cfgs: tuple[Any, ...], **changes: Any) -> tuple[Any, ...]:
+    """``dataclasses.replace`` over an (architecture, recipe) pair: each field goes to the config that has it.
+
+    cfg, train = replace_fields((mage_preset("tiny"), pretrain_preset("tiny")), embed_dim=64, max_steps=100)"""
+    parts: list[dict[str, Any]] = [{} for _ in cfgs]
+    for key, value in changes.items():
+        owner = next((i for i, c in enumerate(cfgs) if key in {f.name for f in dataclasses.fields(c)}), None)
+        if owner is None:
+            raise MageError(f"unknown config field '{key}' for {' or '.join(type(c).__name__ for c in cfgs)}")
+        parts[owner][key] = value
+    return tuple(dataclasses.replace(c, **p) if p else c for c, p in zip(cfgs, parts))
+
+
 def apply_overrides(cfg: T, overrides: list[str] | None) -> T:
-    """Return a copy of ``cfg`` with ``key=value`` overrides applied (types follow the dataclass fields)."""
-    if not overrides:
-        return cfg
-    hints = typing.get_type_hints(type(cfg))
+    """A copy of ``cfg`` with ``key=value`` overrides applied (types follow the dataclass fields). ``cfg`` may be a
+    tuple of configs (an architecture and its recipe): each key goes to the one that has the field."""
+    cfgs = cfg if isinstance(cfg, tuple) else (cfg,)
+    hints = {k: v for c in reversed(cfgs) for k, v in typing.get_type_hints(type(c)).items()}
     changes: dict[str, Any] = {}
-    for item in overrides:
+    for item in overrides or []:
         if "=" not in item:
             raise MageError(f"bad override '{item}': expected key=value")
         key, value = item.split("=", 1)
         key = key.strip().replace("-", "_")
-        if key not in hints or key not in {f.name for f in dataclasses.fields(cfg)}:
-            raise MageError(f"unknown config field '{key}' for {type(cfg).__name__}")
+        if key not in {f.name for c in cfgs for f in dataclasses.fields(c)}:
+            raise MageError(f"unknown config field '{key}' for {' or '.join(type(c).__name__ for c in cfgs)}")
         changes[key] = _coerce(value.strip(), hints[key], key)
-    return dataclasses.replace(cfg, **changes)
+    out = replace_fields(cfgs, **changes)
+    return out if isinstance(cfg, tuple) else out[0]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return {"type": type(cfg).__name__, **dataclasses.asdict(cfg)}
 
 
+KINDS = {c.__name__: c for c in (TokenizerConfig, TokenizerTraining, MAGEConfig, PretrainConfig, FinetuneConfig)}
+# config.json files written before the architecture and the recipe were two configs held both: their recipe
+# fields are dropped when such a file is read as an architecture
+_RECIPE_OF = {TokenizerConfig: TokenizerTraining, MAGEConfig: PretrainConfig}
+
+
 def from_dict(d: dict[str, Any]) -> Any:
     """Rebuild a config dataclass from ``to_dict`` output (unknown keys are an error)."""
-    kinds = {"TokenizerConfig": TokenizerConfig, "MAGEConfig": MAGEConfig, "FinetuneConfig": FinetuneConfig}
     d = dict(d)
-    kind = kinds.get(d.pop("type", ""))
+    kind = KINDS.get(d.pop("type", ""))
     if kind is None:
-        raise MageError("config.json has no known 'type' (expected TokenizerConfig or MAGEConfig)")
+        raise MageError(f"config.json has no known 'type' (expected one of {', '.join(KINDS)})")
     hints = typing.get_type_hints(kind)
     names = {f.name for f in dataclasses.fields(kind)}
+    old = {f.name for f in dataclasses.fields(_RECIPE_OF[kind])} if kind in _RECIPE_OF else set()
+    d = {k: v for k, v in d.items() if k in names or k not in old}
     unknown = set(d) - names
     if unknown:
         raise MageError(f"config.json has unknown fields for {kind.__name__}: {sorted(unknown)}")
@@ -566,7 +615,10 @@ def save_config(cfg: Any, path: str) -> None:
 
 def load_config(path: str) -> Any:
     try:
-        with open(path) as f:
-            return from_dict(json.load(f))
-    except (OSError, json.JSONDecodeError) as e:
-        raise MageError(f"cannot read config {path}: {e}") from None
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        return from_dict(d)
+    except (OSError, ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MageError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None

@@ -91,7 +91,7 @@ def run_demo(
     """Run (or resume) every stage and write the report; returns the path of report.html.
     ``data`` / ``plan_overrides`` exist for tests (the demo is Fashion-MNIST)."""
     from . import evaluate as ev
-    from .config import mage_preset, tokenizer_preset
+    from .config import mage_preset, pretrain_preset, tokenizer_preset, tokenizer_training_preset
     from .data import load_dataset
     from .pipeline import MAGEPipeline, inpaint, outpaint
     from .pretrain import pretrain
@@ -110,8 +110,12 @@ def run_demo(
     plan = {**_budget_plan(budget_minutes), **(plan_overrides or {})}
     tok_dir, mage_dir, judge_dir = (os.path.join(out, d) for d in ("tokenizer", "mage", "judge"))
     cache = os.path.join(out, "tokens-train.safetensors")
-    tcfg = dataclasses.replace(tokenizer_preset("fmnist-32"), max_minutes=plan["tokenizer_minutes"])
-    mcfg = dataclasses.replace(mage_preset("fmnist-32"), max_minutes=plan["mage_minutes"])
+    tcfg, ttrain = tokenizer_preset("fmnist-32"), tokenizer_training_preset("fmnist-32")
+    ttrain = dataclasses.replace(ttrain, max_minutes=plan["tokenizer_minutes"])
+    mcfg, mtrain = (
+        mage_preset("fmnist-32"),
+        dataclasses.replace(pretrain_preset("fmnist-32"), max_minutes=plan["mage_minutes"]),
+    )
     # class-conditional samples: guidance for agreement and the per-class grid; FID without (half the cost)
     gen_sampler = SamplerConfig(steps=plan["fid_steps"], choice_temperature=3.0, cfg=2.0)
     fid_sampler = SamplerConfig(steps=plan["fid_steps"], choice_temperature=3.0)
@@ -122,9 +126,9 @@ def run_demo(
         return budget_minutes * 60 - plan["reserve_seconds"] - (time.time() - t0)
 
     def tokenizer_stage():
-        train = load_dataset(data, "train", 32, tcfg.data_augment, data_dir)
+        train = load_dataset(data, "train", 32, ttrain.data_augment, data_dir)
         val = load_dataset(data, "val", 32, "none", data_dir, limit=1000)
-        m = train_tokenizer(tcfg, train, tok_dir, val, resume=bool(step_dirs(tok_dir)))
+        m = train_tokenizer(tcfg, ttrain, train, tok_dir, val, resume=bool(step_dirs(tok_dir)))
         tok = VQTokenizer.from_pretrained(tok_dir)
         test = load_dataset(data, "test", 32, "none", data_dir)
         x = torch.stack([test[i][0] for i in range(16)])
@@ -145,7 +149,7 @@ def run_demo(
         return {"images": plan["cache_images"]}
 
     def mage_stage():
-        r = pretrain(mcfg, mage_dir, cache=cache, resume=bool(step_dirs(mage_dir)), class_conditional=True)
+        r = pretrain(mcfg, mtrain, mage_dir, cache=cache, resume=bool(step_dirs(mage_dir)), class_conditional=True)
         return {"loss": r["loss"], "acc": r["acc"], "steps": r["step"]}
 
     def judge_stage():
@@ -283,8 +287,8 @@ def run_demo(
         out,
         state,
         {
-            "tokenizer": dataclasses.asdict(tcfg),
-            "mage": dataclasses.asdict(mcfg),
+            "tokenizer": {**dataclasses.asdict(tcfg), **dataclasses.asdict(ttrain)},
+            "mage": {**dataclasses.asdict(mcfg), **dataclasses.asdict(mtrain)},
             "plan": plan,
             "generation": dataclasses.asdict(gen_sampler),
             "fid_generation": dataclasses.asdict(fid_sampler),

@@ -45,6 +45,7 @@ from .checkpoint import (
     step_dirs,
 )
 from .compiling import CompiledStep
+from .config import to_dict
 from .distributed import DistInfo, all_reduce_mean, barrier, max_over_ranks
 from .errors import MageError
 from .files import atomic_write, atomic_write_json
@@ -52,10 +53,17 @@ from .files import atomic_write, atomic_write_json
 # config fields a resumed run may change; any other difference from the run's saved config is refused
 RESUMABLE_CHANGES = ("max_minutes", "max_steps", "log_every", "ckpt_every", "sample_every")
 RUN_ARGS = "run.json"
+RECIPE = "train.json"  # the recipe beside config.json (the architecture) in every checkpoint
 
 
-def saved_run(out: str) -> tuple[Any, dict[str, Any]] | None:
-    """(config, run.json arguments) of the run in ``out`` (its newest checkpoint), or None when it holds none."""
+def _recipe(ckpt: str) -> Any:
+    """The training recipe saved beside a checkpoint's weights (None in checkpoints from before train.json)."""
+    path = os.path.join(ckpt, RECIPE)
+    return load_config(path) if os.path.isfile(path) else None
+
+
+def saved_run(out: str) -> tuple[Any, Any, dict[str, Any]] | None:
+    """(architecture, recipe, run.json arguments) of the run in ``out`` (its newest checkpoint), or None."""
     steps = step_dirs(out)
     if not steps:
         return None
@@ -67,7 +75,7 @@ def saved_run(out: str) -> tuple[Any, dict[str, Any]] | None:
                 args = json.load(f)
         except (OSError, ValueError) as e:
             raise MageError(f"cannot read {path}: {e}") from None
-    return load_config(os.path.join(steps[-1][1], CONFIG)), args
+    return load_config(os.path.join(steps[-1][1], CONFIG)), _recipe(steps[-1][1]), args
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,7 +157,8 @@ class Task:
     """One trainer: what ``fit`` needs to know about it. Subclasses set the attributes and override the methods."""
 
     name = "train"
-    config: Any = None  # saved as config.json beside the weights
+    config: Any = None  # the architecture: saved as config.json beside the weights
+    recipe: Any = None  # the training recipe: saved as train.json
     model: nn.Module  # its state_dict is the checkpoint's model.safetensors (and the EMA's)
     net: nn.Module  # what ``loss`` calls: the model, DDP-wrapped (``fit`` may compile it)
     synced: list[nn.Module] = []  # DDP modules (gradient all-reduce skipped on all but the last micro-batch)
@@ -369,6 +378,8 @@ def _fit(
         if found is not None:
             start, last_good, weights, st = found
             check_resume_config(out, load_config(os.path.join(last_good, CONFIG)), task.config)
+            if task.recipe is not None and _recipe(last_good) is not None:
+                check_resume_config(out, _recipe(last_good), task.recipe)
             load_strict(task.model, weights, f"cannot resume from {last_good}")
             for name, opt in task.optimizers.items():
                 opt.load_state_dict(st["optimizers"][name])
@@ -528,7 +539,10 @@ def _save(
             "ema": ema.shadow if ema is not None else None,
             "task": task.state_dict(),
         }
-        path = save_checkpoint(os.path.join(out, "checkpoints", f"step-{step:07d}"), weights, task.config, state)
+        recipe = {RECIPE: to_dict(task.recipe)} if task.recipe is not None else None
+        path = save_checkpoint(
+            os.path.join(out, "checkpoints", f"step-{step:07d}"), weights, task.config, state, extra=recipe
+        )
         for _, old in step_dirs(out)[: -s.keep_last] if s.keep_last > 0 else []:
             remove_tree(old)
         if ema is not None:

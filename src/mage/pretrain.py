@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import fastpath, seeding
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .compiling import check_mode as check_compile_mode
-from .config import MAGEConfig
+from .config import MAGEConfig, PretrainConfig
 from .distributed import DistInfo, adamw, all_gather_cat, init_distributed, to_device
 from .engine import LoopSettings, Task, batch_count, fit
 from .errors import MageError
@@ -124,21 +124,23 @@ class PretrainTask(Task):
     def __init__(
         self,
         cfg: MAGEConfig,
+        train: PretrainConfig,
         info: DistInfo,
         source: TokenSource,
         model: MAGE,
         tokenizer: str,
         classes: list[str] | None,
     ):
-        self.config, self.info, self.source, self.model = cfg, info, source, model
+        self.config, self.recipe, self.info, self.source, self.model = cfg, train, info, source, model
         self.tokenizer, self.classes = tokenizer, classes
         self.net = torch.nn.parallel.DistributedDataParallel(model) if info.enabled else model
         # DDP without find_unused_parameters: every parameter gets a gradient each step (class embedding and
         # MAGE-C head included, checked on 2 ranks), so no extra traversal of the autograd graph
         self.synced = [self.net] if info.enabled else []
-        lr = cfg.blr * cfg.batch_size / 256
-        self.optimizers = {"model": adamw(param_groups(model, cfg.weight_decay), info.device, lr=lr, betas=cfg.betas)}
-        self.global_batch = cfg.batch_size
+        lr = train.blr * train.batch_size / 256
+        groups = param_groups(model, train.weight_decay)
+        self.optimizers = {"model": adamw(groups, info.device, lr=lr, betas=train.betas)}
+        self.global_batch = train.batch_size
 
     def on_start(self, out: str) -> None:
         """The run's tokenizer (copied: the run decodes its own samples) and class names."""
@@ -161,10 +163,9 @@ class PretrainTask(Task):
 
     def _masks(self, step: int, view: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Ratio and noise drawn for the whole global batch from (seed, step, view); this rank's rows."""
-        drop, mask, _ = self.model.sample_masks(
-            self.config.batch_size, seeding.generator(self.config.seed, seeding.MASKS + view, step)
-        )
-        b = self.config.batch_size // self.info.world
+        B = self.recipe.batch_size
+        drop, mask, _ = self.model.sample_masks(B, seeding.generator(self.recipe.seed, seeding.MASKS + view, step))
+        b = B // self.info.world
         rows = slice(self.info.rank * b, (self.info.rank + 1) * b)
         return drop[rows], mask[rows]
 
@@ -173,7 +174,7 @@ class PretrainTask(Task):
         V = tokens.shape[1]
         flat = lambda t: t.transpose(0, 1).reshape(-1, t.shape[-1])  # [V*b, L]: view 0's rows, then view 1's  # noqa: E731
         cfg = self.config
-        with autocast(self.info.device, cfg.bf16):
+        with autocast(self.info.device, self.recipe.bf16):
             res = net(flat(tokens), flat(drop), flat(mask), labels.repeat(V) if cfg.num_classes > 0 else None)
             loss, metrics = res["loss"], {"loss": res["loss"], "acc": res["acc"]}
             if V == 2:  # MAGE-C: InfoNCE between the two views
@@ -183,7 +184,7 @@ class PretrainTask(Task):
         return loss, metrics
 
 
-def settings(cfg: MAGEConfig, n: int, accum: int = 1) -> LoopSettings:
+def settings(cfg: PretrainConfig, n: int, accum: int = 1) -> LoopSettings:
     """The loop's settings from the recipe: warm-up in epochs (capped at 10% of a step-limited run)."""
     per_epoch, total = batch_count(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
     warmup = int(cfg.warmup_epochs * per_epoch)
@@ -207,6 +208,7 @@ def settings(cfg: MAGEConfig, n: int, accum: int = 1) -> LoopSettings:
 
 def pretrain(
     cfg: MAGEConfig,
+    train: PretrainConfig,
     out: str,
     data: str | None = None,
     tokenizer: str | None = None,
@@ -221,10 +223,10 @@ def pretrain(
     workers: int = 0,
     class_conditional: bool = False,
 ) -> dict[str, Any]:
-    """Pre-train MAGE into ``out`` (checkpoints, log.jsonl, curve.png, tokenizer/). Works under torchrun.
-    ``class_conditional``: take the number of classes from the data. ``stop_at`` ends the run early at that step
-    (with a checkpoint), as an interruption would."""
-    check_compile_mode(cfg.compile)  # bad mode: before any work
+    """Pre-train MAGE ``cfg`` with the recipe ``train`` into ``out`` (checkpoints, log.jsonl, curve.png, tokenizer/).
+    Works under torchrun. ``class_conditional``: take the number of classes from the data. ``stop_at`` ends the
+    run early at that step (with a checkpoint), as an interruption would."""
+    check_compile_mode(train.compile)  # bad mode: before any work
     info = init_distributed()
     dev = info.device
     tc = TokenCache(cache) if cache else None
@@ -235,7 +237,7 @@ def pretrain(
     tok = VQTokenizer.from_pretrained(tokenizer).to(dev)
     for p in tok.parameters():
         p.requires_grad_(False)
-    if cfg.bf16 and bf16_supported(dev.type):
+    if train.bf16 and bf16_supported(dev.type):
         tok.channels_last()  # on-the-fly tokenizing runs in bf16
     if tok.config.codebook_size != cfg.codebook_size or tok.config.num_tokens != cfg.num_tokens:
         raise MageError(
@@ -253,18 +255,17 @@ def pretrain(
             raise MageError("give --data or --cache")
         from .data import load_dataset
 
-        dataset = load_dataset(data, "train", tok.config.image_size, cfg.data_augment, data_dir, cfg.seed, limit)
+        dataset = load_dataset(data, "train", tok.config.image_size, train.data_augment, data_dir, train.seed, limit)
         classes = dataset.classes
     if class_conditional:
         if not classes:
             raise MageError("--class-conditional needs a labelled dataset")
         cfg = dataclasses.replace(cfg, num_classes=len(classes))
-    source = TokenSource(
-        info, cfg.batch_size, cfg.seed, 2 if cfg.contrastive_weight > 0 else 1, tok, tc, dataset, workers, cfg.bf16
-    )
-    loop = settings(cfg, source.n, accum)
+    views = 2 if cfg.contrastive_weight > 0 else 1
+    source = TokenSource(info, train.batch_size, train.seed, views, tok, tc, dataset, workers, train.bf16)
+    loop = settings(train, source.n, accum)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(train.seed)
     model = MAGE(cfg).to(dev)
     fastpath.apply(model, dev, training=True)  # CPU dropout and attention (graphs being compiled keep their own)
     if init:
@@ -273,7 +274,7 @@ def pretrain(
         bad = [k for k in missing if not k.startswith(("class_emb", "contrastive_head"))]
         if bad or unexpected:
             raise MageError(f"--init {where} does not fit this model (missing {bad[:3]}, unexpected {unexpected[:3]})")
-    task = PretrainTask(cfg, info, source, model, tokenizer, classes)
+    task = PretrainTask(cfg, train, info, source, model, tokenizer, classes)
     task.run_args = {
         "data": data,
         "data_dir": data_dir,

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import seeding
 from .checkpoint import load_strict
-from .config import TokenizerConfig
+from .config import TokenizerConfig, TokenizerTraining
 from .data import ImageDataset
 from .distributed import DistInfo, all_gather_cat, init_distributed, to_device
 from .engine import LoopSettings, Task, fit
@@ -155,22 +155,22 @@ class TokenizerTask(Task):
     name = "train-tokenizer"
     curve = ("loss", "psnr", "usage")
 
-    def __init__(self, cfg: TokenizerConfig, info: DistInfo, train_set: ImageDataset, workers: int):
-        self.config, self.info, self.train_set, self.workers = cfg, info, train_set, workers
-        torch.manual_seed(cfg.seed)
+    def __init__(
+        self, cfg: TokenizerConfig, t: TokenizerTraining, info: DistInfo, train_set: ImageDataset, workers: int
+    ):
+        self.config, self.recipe, self.info, self.train_set, self.workers = cfg, t, info, train_set, workers
+        torch.manual_seed(t.seed)
         self.model = VQTokenizer(cfg).to(info.device)
-        self.disc = PatchDiscriminator(cfg.in_channels, cfg.disc_channels, cfg.disc_layers).to(info.device)
+        self.disc = PatchDiscriminator(self.config.in_channels, t.disc_channels, t.disc_layers).to(info.device)
         ae = _AutoEncoder(self.model)
         self.net = torch.nn.parallel.DistributedDataParallel(ae) if info.enabled else ae
         self.synced = [self.net] if info.enabled else []
         self.optimizers = {
-            "generator": torch.optim.Adam(
-                self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-            ),
-            "discriminator": torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=cfg.betas),
+            "generator": torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay),
+            "discriminator": torch.optim.Adam(self.disc.parameters(), lr=t.lr, betas=t.betas),
         }
-        self.global_batch = cfg.batch_size
-        self.usage = torch.zeros(cfg.codebook_size, device=info.device)  # code counts since the last restart
+        self.global_batch = t.batch_size
+        self.usage = torch.zeros(self.config.codebook_size, device=info.device)  # code counts since the last restart
         self.fixed = torch.stack([train_set[i][0] for i in range(min(16, len(train_set)))])
         self.out, self.progress, self.last_z = None, 0.0, None
 
@@ -183,8 +183,8 @@ class TokenizerTask(Task):
 
         for step, x, _ in step_batches(
             self.train_set,
-            self.config.batch_size,
-            self.config.seed,
+            self.recipe.batch_size,
+            self.recipe.seed,
             start,
             end,
             self.info.rank,
@@ -196,21 +196,21 @@ class TokenizerTask(Task):
             yield step, (to_device(x, self.info.device),)
 
     def loss(self, net, batch, step):
-        cfg, (x,) = self.config, batch
+        t, (x,) = self.recipe, batch
         # the discriminator joins after a warm-up (adversarial_start steps, or that share of the time budget)
-        use_adv = cfg.adversarial_weight > 0 and self.progress >= cfg.adversarial_start / max(1, cfg.max_steps)
-        with autocast(self.info.device, cfg.bf16):
+        use_adv = t.adversarial_weight > 0 and self.progress >= t.adversarial_start / max(1, t.max_steps)
+        with autocast(self.info.device, t.bf16):
             rec, ids, cb_loss, commit_loss, z = net(x)
             rec = rec.float()
-            rec_loss = cfg.l1_weight * (rec - x).abs().mean() + cfg.l2_weight * (rec - x).pow(2).mean()
-            loss = rec_loss + cfg.codebook_weight * cb_loss + cfg.commitment_weight * commit_loss
+            rec_loss = t.l1_weight * (rec - x).abs().mean() + t.l2_weight * (rec - x).pow(2).mean()
+            loss = rec_loss + t.codebook_weight * cb_loss + t.commitment_weight * commit_loss
             d_loss = torch.zeros((), device=x.device)
             if use_adv:
                 self.disc.requires_grad_(False)
-                loss = loss - cfg.adversarial_weight * self.disc(rec).float().mean()
+                loss = loss - t.adversarial_weight * self.disc(rec).float().mean()
                 self.disc.requires_grad_(True)
                 d_loss = F.relu(1 - self.disc(x).float()).mean() + F.relu(1 + self.disc(rec.detach()).float()).mean()
-        self.usage += torch.bincount(ids.flatten(), minlength=cfg.codebook_size).float()
+        self.usage += torch.bincount(ids.flatten(), minlength=self.config.codebook_size).float()
         self.last_z = z.detach()
         return loss + d_loss, {
             "loss": loss,
@@ -229,21 +229,21 @@ class TokenizerTask(Task):
                     p.grad /= self.info.world
 
     def after_step(self, step: int, progress: float) -> dict[str, float]:
-        cfg, restarted = self.config, 0
-        if cfg.dead_code_restart_every and step % cfg.dead_code_restart_every == 0:
+        t, restarted = self.recipe, 0
+        if t.dead_code_restart_every and step % t.dead_code_restart_every == 0:
             if self.info.enabled:
                 torch.distributed.all_reduce(self.usage)
             used = 100.0 * (self.usage > 0).float().mean().item()
             if progress < 0.9:  # leave the codebook alone at the very end
                 z = all_gather_cat(self.last_z, self.info)  # every rank re-seeds the same codes
                 restarted = _restart_dead_codes(
-                    self.model, self.usage.cpu(), z.cpu(), seeding.generator(cfg.seed, seeding.CODES, step)
+                    self.model, self.usage.cpu(), z.cpu(), seeding.generator(t.seed, seeding.CODES, step)
                 )
             self.usage.zero_()
         else:
             used = 100.0 * (self.usage > 0).float().mean().item()
-        if self.out is not None and step % cfg.sample_every == 0:
-            _write_grid(self.model, self.fixed, os.path.join(self.out, "samples", f"recon-{step:07d}.png"), cfg.bf16)
+        if self.out is not None and step % t.sample_every == 0:
+            _write_grid(self.model, self.fixed, os.path.join(self.out, "samples", f"recon-{step:07d}.png"), t.bf16)
         return {"usage": used, "restarted": restarted}
 
     def state_dict(self):
@@ -254,27 +254,28 @@ class TokenizerTask(Task):
         self.usage.copy_(state["usage"])
 
     def on_checkpoint(self, out: str, step: int) -> None:
-        _write_grid(self.model, self.fixed, os.path.join(out, "samples", f"recon-{step:07d}.png"), self.config.bf16)
+        _write_grid(self.model, self.fixed, os.path.join(out, "samples", f"recon-{step:07d}.png"), self.recipe.bf16)
 
 
-def settings(cfg: TokenizerConfig, accum: int = 1) -> LoopSettings:
+def settings(t: TokenizerTraining, accum: int = 1) -> LoopSettings:
     """Warm-up over ``warmup_steps``, then cosine to 10% of the peak at the end of the run."""
     return LoopSettings(
-        total_steps=cfg.max_steps,
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        min_lr=0.1 * cfg.lr,
-        max_minutes=cfg.max_minutes,
-        grad_clip=cfg.grad_clip,
+        total_steps=t.max_steps,
+        lr=t.lr,
+        warmup_steps=t.warmup_steps,
+        min_lr=0.1 * t.lr,
+        max_minutes=t.max_minutes,
+        grad_clip=t.grad_clip,
         accum=accum,
-        log_every=cfg.log_every,
-        ckpt_every=cfg.ckpt_every,
-        seed=cfg.seed,
+        log_every=t.log_every,
+        ckpt_every=t.ckpt_every,
+        seed=t.seed,
     )
 
 
 def train_tokenizer(
     cfg: TokenizerConfig,
+    train: TokenizerTraining,
     train_set: ImageDataset,
     out: str,
     val_set: ImageDataset | None = None,
@@ -288,9 +289,9 @@ def train_tokenizer(
     """Train (or resume) a tokenizer into ``out``; returns final validation metrics. Works under torchrun.
     ``stop_at`` ends the run early at that step (with a checkpoint), as an interruption would."""
     info = init_distributed()
-    task = TokenizerTask(cfg, info, train_set, workers)
+    task = TokenizerTask(cfg, train, info, train_set, workers)
     task.run_args = run_args or {"data": train_set.name}
-    res = fit(task, settings(cfg, accum), info, out, resume=resume, progress=progress, stop_at=stop_at)
+    res = fit(task, settings(train, accum), info, out, resume=resume, progress=progress, stop_at=stop_at)
     metrics: dict[str, Any] = {"step": res["step"], "train_minutes": res["minutes"], "skipped": res["skipped"]}
     if val_set is not None and info.is_main:
         metrics.update(reconstruction_metrics(task.model, val_set, bf16=False))

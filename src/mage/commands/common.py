@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from ..errors import MageError
 
@@ -115,27 +115,33 @@ def add_training_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     )
 
 
-def training_config(args: argparse.Namespace, preset: Callable[[str], object]) -> tuple[object, dict]:
-    """The config of a trainer's run and the run's saved data flags (run.json). A new run: --preset + --set.
-    ``--resume`` of a run: its saved config + --set (or --preset + --set, when given), checked against the
-    saved one by the engine; data flags left out are taken from the run, one that contradicts it is an error."""
+def training_config(args: argparse.Namespace, preset: Callable[[str], Any]) -> tuple[Any, dict]:
+    """The config(s) of a trainer's run -- ``preset(name)`` gives a recipe or an (architecture, recipe) pair --
+    and the run's saved data flags (run.json). A new run: --preset + --set. ``--resume`` of a run: its saved
+    configs + --set (or --preset + --set, when given), checked against the saved ones by the engine; data flags
+    left out are taken from the run, one that contradicts it is an error."""
     from ..config import apply_overrides
     from ..engine import saved_run
 
     saved = saved_run(args.out) if args.resume else None
     if saved is None:
         return apply_overrides(preset(args.preset or args.default_preset), overrides(args)), {}
-    cfg, run_args = saved
+    arch, recipe, run_args = saved
     for name, theirs in run_args.items():
         mine = getattr(args, name, None)
-        if mine is None or name in ("class_conditional",):
-            setattr(args, name, theirs if mine is None else mine)
+        if mine is None:
+            setattr(args, name, theirs)
         elif theirs is not None and _same(mine) != _same(theirs):
             raise MageError(
                 f"cannot resume {args.out}: it was trained with --{name.replace('_', '-')} {theirs}, "
                 f"not {mine} (leave it out to use the run's own)"
             )
-    return apply_overrides(preset(args.preset) if args.preset else cfg, overrides(args)), run_args
+    if args.preset:
+        base = preset(args.preset)
+    else:
+        base = preset(args.default_preset)
+        base = (arch, recipe or base[1]) if isinstance(base, tuple) else arch
+    return apply_overrides(base, overrides(args)), run_args
 
 
 def _same(value):

@@ -81,16 +81,17 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
 def run_pretrain(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..config import mage_preset
+    from ..config import mage_preset, pretrain_preset
     from ..pretrain import pretrain
 
-    cfg, _ = training_config(args, mage_preset)
+    (cfg, train), _ = training_config(args, lambda name: (mage_preset(name), pretrain_preset(name)))
     if args.contrastive:
         cfg = dataclasses.replace(cfg, contrastive_weight=cfg.contrastive_weight or 0.1)
     if args.compile is not None:
-        cfg = dataclasses.replace(cfg, compile=args.compile)
+        train = dataclasses.replace(train, compile=args.compile)
     res = pretrain(
         cfg,
+        train,
         out=args.out,
         data=args.data,
         tokenizer=args.tokenizer,

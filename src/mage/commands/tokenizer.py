@@ -19,20 +19,20 @@ def add_train_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_train_tokenizer(args: argparse.Namespace) -> int:
-    from ..config import tokenizer_preset
+    from ..config import tokenizer_preset, tokenizer_training_preset
     from ..data import load_dataset
     from ..train_tokenizer import train_tokenizer
 
-    cfg, _ = training_config(args, tokenizer_preset)
+    (cfg, recipe), _ = training_config(args, lambda name: (tokenizer_preset(name), tokenizer_training_preset(name)))
     if args.data is None:
         raise MageError("give --data (fashion-mnist | mnist | folder:PATH | synthetic)")
     train = load_dataset(
         args.data,
         split="train",
         image_size=cfg.image_size,
-        augment=cfg.data_augment,
+        augment=recipe.data_augment,
         data_dir=args.data_dir,
-        seed=cfg.seed,
+        seed=recipe.seed,
         limit=args.limit,
     )
     val = load_dataset(
@@ -41,11 +41,12 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
         image_size=cfg.image_size,
         augment="none",
         data_dir=args.data_dir,
-        seed=cfg.seed,
+        seed=recipe.seed,
         limit=args.limit if args.limit else 2000,
     )
     m = train_tokenizer(
         cfg,
+        recipe,
         train_set=train,
         out=args.out,
         val_set=val,
