@@ -227,3 +227,29 @@ def test_channels_last_is_a_layout_not_a_change():
     out = tok.decode(ids)
     assert out.is_contiguous() and torch.allclose(out, img, atol=1e-4)
     assert tok.state_dict()["encoder.conv_in.weight"].shape == w.shape
+
+
+def test_tokenizer_ddp_two_ranks_match_one(tmp_path):
+    """train-tokenizer under torchrun (2 gloo ranks, the discriminator and dead-code restarts included) gives the
+    losses of a 1-rank run with the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["train-tokenizer", "--data", "synthetic", "--preset", "tiny", "--limit", "64", "--max-steps", "8",
+              "--workers", "0", "--set", "log_every=1", "--set", "adversarial_start=2",
+              "--set", "dead_code_restart_every=3"]  # fmt: skip
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    r1 = subprocess.run([sys.executable, "-m", "mage", *common, "--out", str(tmp_path / "one")], env=env,
+                        capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    port = str(29700 + os.getpid() % 1000)
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
+                         "-m", "mage", *common, "--out", str(tmp_path / "two")],
+                        capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    l1 = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl")]
+    l2 = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")]
+    assert len(l1) == len(l2) == 8 and any(r["d_loss"] > 0 for r in l1)
+    for a, b in zip(l1, l2):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"]) and a["restarted"] == b["restarted"], (a, b)

@@ -55,6 +55,8 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
         workers=workers(args),
         run_args={"data": args.data, "data_dir": args.data_dir, "limit": args.limit},
     )
+    if "psnr" not in m:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(
         f"tokenizer saved to {args.out}: val PSNR {m['psnr']:.2f} dB, codebook usage {m['usage']:.1f}%, "
         f"perplexity {m['perplexity']:.1f}, position entropy {m['position_entropy']:.2f} nats "
