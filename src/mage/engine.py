@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from typing import Any, Iterator
@@ -370,8 +371,9 @@ def _fit(
     start, elapsed0, skipped, last_good = 0, 0.0, 0, None
     if out is not None:
         if main:
-            clean_partial(out)
-            clean_partial(os.path.join(out, "checkpoints"))
+            left = clean_partial(out) + clean_partial(os.path.join(out, "checkpoints"))
+            if left:
+                print(f"note: removed {len(left)} leftover(s) of an interrupted write in {out}", file=sys.stderr)
         barrier(info)
         refuse_overwrite(out, resume)
         found = _newest_readable(out, dev) if resume else None
