@@ -7,10 +7,9 @@ added), the decoder and the final ``norm`` discarded, mean of the image-token ou
 label smoothing 0.1, per-iteration warm-up + cosine to min_lr, no gradient clipping.
 
 Differences, on purpose: inputs are token ids (the tokenizer stays outside the trained model), taken from a
-token cache (the image, its mirror and any crops) or tokenized on the fly from ``--data`` with random-resized-crop
-+ flip;
-RandAugment, Mixup and CutMix are not applied (they act on pixels before the tokenizer, which a cache
-cannot replay). The same checkpoint/resume and torchrun support as pre-training.
+token cache (the image, its mirror and any crops) or tokenized on the fly from ``--data`` with
+random-resized-crop + flip; RandAugment, Mixup and CutMix are not applied (they act on pixels before the
+tokenizer, which a cache cannot replay). Trained by the engine (engine.py), as pre-training is.
 """
 
 from __future__ import annotations
