@@ -238,9 +238,9 @@ def _same_run(a: str, b: str) -> None:
 
 def _fault_test(tiny_setup, tmp_path, kills):  # noqa: F811
     _, _, cache = tiny_setup
-    pre = ["pretrain", "--cache", cache, "--preset", "tiny", "--max-steps", "400", "--set", "log_every=1",
+    pre = ["pretrain", "--cache", cache, "--preset", "tiny", "--max-steps", str(20 * kills), "--set", "log_every=1",
            "--set", "ckpt_every=3"]  # fmt: skip
-    tok = ["train-tokenizer", "--data", "synthetic", "--preset", "tiny", "--limit", "64", "--max-steps", "150",
+    tok = ["train-tokenizer", "--data", "synthetic", "--preset", "tiny", "--limit", "64", "--max-steps", str(8 * kills),
            "--set", "log_every=1", "--set", "ckpt_every=1", "--set", "sample_every=1000"]  # fmt: skip
     report = []
     for i, args in enumerate((pre, tok)):

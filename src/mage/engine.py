@@ -12,8 +12,9 @@ What the loop owns, so no trainer repeats it:
   non-finite one), leftovers of a killed write removed, an unreadable newest checkpoint skipped for the one
   before, the log written after the checkpoint it describes and cut back to it on resume.
 
-A checkpoint holds ``model.safetensors`` + ``config.json`` + ``train_state.pt`` (tensors and plain types only:
-optimizers, EMA, step, elapsed time, the task's own state), read back with ``weights_only=True``.
+A checkpoint holds ``model.safetensors`` + ``config.json`` (the architecture) + ``train.json`` (the recipe) +
+``train_state.pt`` (tensors and plain types only: optimizers, EMA, step, elapsed time, the task's own state),
+read back with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -152,6 +153,14 @@ class LoopSettings:
     seed: int = 0
     keep_last: int = 2
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops
+
+    @classmethod
+    def from_recipe(cls, recipe: Any, **given: Any) -> LoopSettings:
+        """The settings ``given`` (schedule, accumulation), the rest read from the recipe's fields of the same
+        names (max_minutes, grad_clip, ema_decay, compile, log_every, ckpt_every, seed)."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        shared = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.name in own}
+        return cls(**{**shared, **given})
 
 
 class Task:

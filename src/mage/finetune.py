@@ -168,19 +168,9 @@ class FinetuneTask(Task):
 def settings(cfg: FinetuneConfig, n: int, accum: int = 1) -> LoopSettings:
     """The loop's settings from the recipe: warm-up in epochs, at most 10% of the run."""
     per_epoch, total = batch_count(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
-    return LoopSettings(
-        total_steps=total,
-        lr=cfg.blr * cfg.batch_size / 256,
-        warmup_steps=min(int(cfg.warmup_epochs * per_epoch), max(1, total // 10)),
-        min_lr=cfg.min_lr,
-        max_minutes=cfg.max_minutes,
-        grad_clip=cfg.grad_clip,
-        accum=accum,
-        compile=cfg.compile,
-        log_every=cfg.log_every,
-        ckpt_every=cfg.ckpt_every,
-        seed=cfg.seed,
-    )
+    warmup = min(int(cfg.warmup_epochs * per_epoch), max(1, total // 10))
+    return LoopSettings.from_recipe(cfg, total_steps=total, lr=cfg.blr * cfg.batch_size / 256, warmup_steps=warmup,
+                                    accum=accum)  # fmt: skip
 
 
 def finetune(

@@ -190,20 +190,8 @@ def settings(cfg: PretrainConfig, n: int, accum: int = 1) -> LoopSettings:
     warmup = int(cfg.warmup_epochs * per_epoch)
     if cfg.max_steps > 0:
         warmup = min(warmup, total // 10)
-    return LoopSettings(
-        total_steps=total,
-        lr=cfg.blr * cfg.batch_size / 256,
-        warmup_steps=warmup,
-        min_lr=cfg.min_lr,
-        max_minutes=cfg.max_minutes,
-        grad_clip=cfg.grad_clip,
-        accum=accum,
-        ema_decay=cfg.ema_decay,
-        compile=cfg.compile,
-        log_every=cfg.log_every,
-        ckpt_every=cfg.ckpt_every,
-        seed=cfg.seed,
-    )
+    return LoopSettings.from_recipe(cfg, total_steps=total, lr=cfg.blr * cfg.batch_size / 256, warmup_steps=warmup,
+                                    accum=accum)  # fmt: skip
 
 
 def pretrain(

@@ -259,18 +259,8 @@ class TokenizerTask(Task):
 
 def settings(t: TokenizerTraining, accum: int = 1) -> LoopSettings:
     """Warm-up over ``warmup_steps``, then cosine to 10% of the peak at the end of the run."""
-    return LoopSettings(
-        total_steps=t.max_steps,
-        lr=t.lr,
-        warmup_steps=t.warmup_steps,
-        min_lr=0.1 * t.lr,
-        max_minutes=t.max_minutes,
-        grad_clip=t.grad_clip,
-        accum=accum,
-        log_every=t.log_every,
-        ckpt_every=t.ckpt_every,
-        seed=t.seed,
-    )
+    return LoopSettings.from_recipe(t, total_steps=t.max_steps, lr=t.lr, warmup_steps=t.warmup_steps,
+                                    min_lr=0.1 * t.lr, accum=accum)  # fmt: skip
 
 
 def train_tokenizer(
