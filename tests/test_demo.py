@@ -2,8 +2,9 @@
 the report holds every section, and a re-run reuses the finished stages."""
 
 import json
+import os
 
-from mage.demo import run_demo
+from mage.demo import MANIFEST, run_demo
 
 
 def test_demo_end_to_end_and_reuse(tmp_path, capsys):
@@ -41,6 +42,9 @@ def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     ):
         assert (out / png).is_file(), png
     assert 0 <= state["recognition"]["linear"] <= 100 and 0 <= state["agreement"]["agreement"] <= 100
+    # every entry of OUT is recorded as the demo's own (what --fresh may remove; anything else is refused)
+    created = json.loads((out / MANIFEST).read_text())["created"]
+    assert set(os.listdir(out)) <= {*created, MANIFEST}, set(os.listdir(out)) - set(created)
     capsys.readouterr()
     run_demo(str(out), budget_minutes=0.4, data="synthetic", plan_overrides=plan)
     assert "already done" in capsys.readouterr().out

@@ -14,24 +14,29 @@ either the run directory or one step directory wherever a model is expected.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .config import load_config, save_config
-from .errors import MageError
+from .errors import MageError, UnsafeFileError
 from .files import atomic_write, atomic_write_json, fsync_dir, fsync_tree  # noqa: F401  (re-exported)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 STATE = "train_state.pt"
 _STEP_RE = re.compile(r"^step-(\d+)$")
+# what torch_load_official reads beyond tensors and plain types: the original's training checkpoints
+# (``util/misc.py save_model``) hold ``'args': argparse.Namespace(...)`` next to model / optimizer / epoch / scaler
+OFFICIAL_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
 
 def is_checkpoint_dir(path: str) -> bool:
@@ -130,13 +135,33 @@ def remove_tree(path: str) -> None:
 
 def refuse_overwrite(run_dir: str, resume: bool) -> None:
     """Starting a run afresh in a folder that holds one would lose it (its log is rewritten and, worse, its newer
-    checkpoints outlive the new run's in pruning): refuse unless resuming."""
+    checkpoints outlive the new run's in pruning): refuse unless resuming. Resuming a run whose checkpoints hold
+    a train state that only code could load is refused too (:func:`refuse_unsafe_states`)."""
+    if resume:
+        refuse_unsafe_states(run_dir)
     steps = [] if resume else step_dirs(run_dir)
     if steps:
         raise MageError(
             f"{run_dir} already holds a run (checkpoint at step {steps[-1][0]}): "
             f"pass --resume to continue it, or choose another --out"
         )
+
+
+def refuse_unsafe_states(run_dir: str) -> None:
+    """UnsafeFileError naming the global if any checkpoint of the run holds a ``train_state.pt`` that needs more
+    than tensors and plain types. (A corrupt one is left to the resume, which skips it with a warning; a file that
+    needs code is not corruption but a planted file, and must stop the run, not be skipped.) Only the pickle is
+    read: the tensors are memory-mapped, never loaded."""
+    for _, path in step_dirs(run_dir):
+        f = os.path.join(path, STATE)
+        if not os.path.isfile(f):
+            continue
+        try:
+            safe_torch_load(f, mmap=True)
+        except UnsafeFileError:
+            raise
+        except MageError:
+            pass  # unreadable: _newest_readable skips it with a warning naming it
 
 
 def save_step(
@@ -154,11 +179,20 @@ def save_step(
     return path
 
 
-def load_weights(path: str) -> dict[str, torch.Tensor]:
+def read_safetensors(file: str, what: str = "weights") -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors, or a one-line MageError (missing, empty, corrupt)."""
+    if not os.path.isfile(file):
+        raise MageError(f"cannot read {what} {file}: no such file")
+    if os.path.getsize(file) == 0:
+        raise MageError(f"cannot read {what} {file}: the file is empty")
     try:
-        return load_file(os.path.join(path, WEIGHTS))
+        return load_file(file)
     except Exception as e:  # safetensors raises several types for corrupt files
-        raise MageError(f"cannot read weights {os.path.join(path, WEIGHTS)}: {str(e).splitlines()[0]}") from None
+        raise MageError(f"cannot read {what} {file}: {(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
+
+
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    return read_safetensors(os.path.join(path, WEIGHTS))
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], Any, str]:
@@ -167,44 +201,89 @@ def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], Any, str]:
     return load_weights(ckpt), load_config(os.path.join(ckpt, CONFIG)), ckpt
 
 
+def _refused_globals(e: Exception, path: str) -> list[str]:
+    """The globals PyTorch's safe unpickler refused in ``path`` (e.g. ``posix.system``); [] when ``e`` is not
+    such a refusal (a corrupt or truncated file)."""
+    text = str(e)
+    if "Weights only load failed" not in text and "WeightsUnpickler" not in text:
+        return []
+    try:  # the full names of every global outside the allow-list (only the pickle is scanned, nothing runs)
+        found = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:
+        found = []
+    return found or re.findall(r"GLOBAL ([\w.]+)", text)
+
+
+def _reason(e: Exception) -> str:
+    """One line for a file torch.load could not read."""
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if m:
+        return f"PyTorch's safe loader refused it ({m.group(1).strip()})"
+    if "Weights only load failed" in text:
+        return "PyTorch's safe loader refused it"
+    return (text.strip() or type(e).__name__).splitlines()[0]
+
+
+def safe_torch_load(
+    path: str, map_location: str | torch.device = "cpu", allow: tuple[type, ...] = (), mmap: bool = False
+) -> Any:
+    """``torch.load`` that never runs code: ``weights_only=True``, with only ``allow`` (e.g. argparse.Namespace)
+    added to tensors and plain types. A file that needs another pickle global raises UnsafeFileError naming it;
+    a missing or corrupt file a one-line MageError."""
+    if not os.path.isfile(path):
+        raise MageError(f"file not found: {path}")
+    with torch.serialization.safe_globals(list(allow)):
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Detected pickle protocol")  # the error, if any, says it all
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except Exception as e:
+            found = _refused_globals(e, path)
+            if not found:
+                raise MageError(f"cannot read {path}: {_reason(e)}") from None
+    kinds = ", ".join(["tensors", "plain types"] + [f"{c.__module__}.{c.__qualname__}" for c in allow])
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    raise UnsafeFileError(
+        f"cannot load {path}: it needs the global {found[0]}{more}, which could run code; "
+        f"only {' and '.join(kinds.rsplit(', ', 1))} are read"
+    )
+
+
 def load_train_state(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint's train state: tensors and plain types only (``weights_only=True``: a file cannot run code)."""
     f = os.path.join(path, STATE)
     if not os.path.isfile(f):
         raise MageError(f"{path} has no {STATE}: cannot resume from it")
-    try:
-        return torch.load(f, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise MageError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+    return safe_torch_load(f, map_location)
 
 
 def torch_load_official(path: str) -> dict[str, Any]:
-    """``torch.load(..., weights_only=True)`` with a one-line error for missing or corrupt files."""
-    if not os.path.isfile(path):
-        raise MageError(f"file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MageError(f"cannot load {path} as a PyTorch checkpoint: {str(e).splitlines()[0]}") from None
+    """An original release / training checkpoint (``{'model': sd, 'optimizer': ..., 'epoch': ..., 'args':
+    Namespace(...)}`` or a bare state dict), read without running code: tensors, plain types and
+    argparse.Namespace only (:func:`safe_torch_load`); a one-line error for missing, corrupt or unsafe files."""
+    obj = safe_torch_load(path, "cpu", OFFICIAL_GLOBALS)
     if not isinstance(obj, dict):
         raise MageError(f"{path} does not hold a state dict (got {type(obj).__name__})")
     return obj
 
 
-def load_strict(model: torch.nn.Module, sd: dict[str, Any], where: str) -> None:
-    """``load_state_dict`` with a one-line MageError for missing, unexpected or mis-shaped keys."""
+def load_strict(model: torch.nn.Module, sd: dict[str, Any], where: str, keep_missing: tuple[str, ...] = ()) -> None:
+    """``load_state_dict`` with a one-line MageError for missing, unexpected or mis-shaped keys: the one way a
+    state dict is loaded. ``keep_missing``: key prefixes the weights may lack (those keep their initial values,
+    e.g. a classifier head on top of pre-trained blocks)."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
+    missing = sorted(k for k in set(own) - set(sd) if not k.startswith(keep_missing))
     unexpected = sorted(set(sd) - set(own))
     if missing or unexpected:
         more = lambda xs: xs[:3] + (["..."] if len(xs) > 3 else [])  # noqa: E731
         raise MageError(
             f"{where}: weights do not fit the model (missing {more(missing)}, unexpected {more(unexpected)})"
         )
-    bad = [k for k in own if own[k].shape != sd[k].shape]
+    bad = [k for k in own if k in sd and own[k].shape != sd[k].shape]
     if bad:
         k = bad[0]
         raise MageError(
             f"{where}: shape mismatch for {k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
         )
-    model.load_state_dict(sd)
+    model.load_state_dict(sd, strict=not keep_missing)

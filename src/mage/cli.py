@@ -2,12 +2,15 @@
 group, each command's flags next to what it runs), and the error handling. Each subcommand is a thin wrapper
 over the Python API.
 
-Errors a user can fix print one line (``mage: error: ...``) and exit 2; set MAGE_DEBUG=1 for tracebacks.
+Errors a user can fix print one line (``mage: error: ...``) and exit 2 -- a :class:`~mage.errors.MageError`,
+or an OSError (``cannot write PATH: REASON``: a file where a folder goes, a full disk, no permission); set
+MAGE_DEBUG=1 for tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -32,6 +35,34 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# errno values that mean "this path cannot be written as asked" (the rest: "cannot access")
+_WRITE_ERRNOS = {
+    errno.EEXIST,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.ENOTEMPTY,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENAMETOOLONG,
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line naming the path and the reason: ``cannot write runs/x: Not a directory``."""
+    text = str(e).strip()
+    reason = e.strerror or (text.splitlines()[0] if text else type(e).__name__)
+    path = e.filename2 if e.filename2 is not None and e.errno in (errno.EISDIR, errno.ENOTEMPTY) else e.filename
+    if path is None:
+        return reason
+    path = os.fsdecode(path) if isinstance(path, (bytes, str)) else str(path)
+    verb = "cannot write" if e.errno in _WRITE_ERRNOS else "cannot access"
+    return f"{verb} {path or repr(path)}: {reason}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -42,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         return RUN[args.cmd](args) or 0
     except MageError as e:
         print(f"mage: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (a file where a folder goes, a full disk, ...): one line
+        if os.environ.get("MAGE_DEBUG"):
+            raise
+        print(f"mage: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mage: interrupted", file=sys.stderr)

@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw
 
 from mage.errors import MageError
 from mage.seeding import mix
-from mage.transforms import Transform, build_transform, check_augment, load_image
+from mage.transforms import Transform, build_transform, check_augment, load_image, max_pixels
 
 __all__ = [
     "ImageDataset",
@@ -48,6 +48,7 @@ __all__ = [
     "FolderDataset",
     "SyntheticDataset",
     "load_dataset",
+    "check_classes",
     "dataset_names",
     "item_generator",
     "render_shape",
@@ -542,6 +543,7 @@ def _folder_dataset(
 ) -> FolderDataset:
     if not path_text:
         raise MageError("empty folder path in dataset spec: use folder:PATH")
+    max_pixels()  # a bad MAGE_MAX_PIXELS: one line now, not a warning per skipped file later
     root = Path(path_text).expanduser()
     if not root.exists():
         raise MageError(f"image folder {root} does not exist")
@@ -721,6 +723,18 @@ class SyntheticDataset(ImageDataset):
         rng = np.random.default_rng([self.seed & _M64, g, 0xC0FFEE])
         arr = render_shape(SYNTHETIC_CLASSES[label], self.image_size, rng)  # [S, S, 3] uint8
         return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0), label
+
+
+def check_classes(data: str, labels: torch.Tensor, classes: list[str] | None, purpose: str) -> None:
+    """What probes, fine-tuning and the judge need of their training labels: a labelled dataset with images of at
+    least 2 classes (a one-line MageError otherwise; one class cannot be told from anything)."""
+    if labels.numel() and int(labels.min()) < 0:
+        raise MageError(f"{data} has no labels: {purpose} needs a labelled dataset (folder:PATH: class subfolders)")
+    present = labels.unique().tolist() if labels.numel() else []
+    if len(present) < 2:
+        names = [classes[i] if classes and 0 <= i < len(classes) else str(i) for i in present]
+        what = f"only 1 class ({names[0]})" if names else "no images"
+        raise MageError(f"{data} has {what}: {purpose} needs images of at least 2 classes")
 
 
 # ----------------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ Stages (each is reused when already finished; ``--fresh`` starts over; see ``_bu
   8. fid          FID / KID / precision-recall with the FID Inception (N scales with the budget: 2,000 at 60 min)
   9. fid-floor    real train images vs the same test reference (only when the budget has room)
  10. report       report.md + report.html: pictures, curve, metrics next to the pixel baselines, timings, configs
+
+OUT/.mage-demo.json lists every entry of OUT the demo created (recorded before it is written). The demo runs only
+in an empty OUT or one holding nothing but those entries, and ``--fresh`` removes exactly those: a file the demo
+did not write is never deleted or overwritten.
 """
 
 from __future__ import annotations
@@ -27,20 +31,74 @@ from typing import Any, Callable
 import torch
 
 from .checkpoint import step_dirs
+from .errors import MageError
+from .files import atomic_write_json, foreign_entries, read_json, remove_entries
+
+MANIFEST = ".mage-demo.json"  # what the demo created in OUT: {"made_by": "mage demo", "created": [names]}
 
 
-def _stage(state: dict[str, Any], path: str, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _created(out: str) -> list[str] | None:
+    """The entries of ``out`` the demo recorded as its own; None when ``out`` has no manifest."""
+    path = os.path.join(out, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    m = read_json(path, "demo manifest")
+    names = m.get("created")
+    if m.get("made_by") != "mage demo" or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise MageError(f"cannot read demo manifest {path}: not written by 'mage demo'")
+    return names
+
+
+def claim(out: str, names: list[str] | tuple[str, ...]) -> None:
+    """Record ``names`` (entries of ``out``) in the manifest before the demo writes them, so that a run killed
+    half-way still knows them as its own."""
+    created = _created(out) or []
+    new = [n for n in names if n not in created]
+    if new or not os.path.isfile(os.path.join(out, MANIFEST)):
+        atomic_write_json(os.path.join(out, MANIFEST), {"made_by": "mage demo", "created": created + new})
+
+
+def prepare_out(out: str, fresh: bool) -> list[str]:
+    """Make ``out`` ready for the demo: refuse it (one line, nothing changed) when it holds anything the demo did
+    not create; with ``fresh``, remove what the demo created there before (only that). Returns the names removed."""
+    if os.path.lexists(out) and (not os.path.isdir(out) or os.path.islink(out)):
+        raise MageError(f"--out {out} exists and is not a folder: choose another --out")
+    if os.path.isdir(out) and os.listdir(out):
+        created = _created(out)
+        if created is None:
+            raise MageError(
+                f"--out {out} is not empty and was not made by 'mage demo' (no {MANIFEST}): choose another --out, "
+                f"or delete it yourself if it is an older demo's (nothing was changed)"
+            )
+        foreign = foreign_entries(out, [*created, MANIFEST])
+        if foreign:
+            more = f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""
+            raise MageError(
+                f"--out {out} holds {', '.join(foreign[:3])}{more}, which the demo did not write: move it away "
+                f"or choose another --out (nothing was changed)"
+            )
+        if fresh:
+            removed = remove_entries(out, created)
+            os.remove(os.path.join(out, MANIFEST))
+            return removed
+    os.makedirs(out, exist_ok=True)
+    return []
+
+
+def _stage(
+    state: dict[str, Any], path: str, name: str, fn: Callable[[], dict[str, Any]], writes: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run one stage (or reuse its recorded result); ``writes``: the entries of OUT it creates (claimed first)."""
     if name in state:
         print(f"[demo] {name}: already done ({state[name]['seconds']:.0f} s), reusing", flush=True)
         return state[name]
     print(f"[demo] {name}: starting", flush=True)
+    claim(os.path.dirname(path), writes)
     t = time.time()
     res = fn() or {}
     res["seconds"] = time.time() - t
     state[name] = res
-    with open(path + ".tmp", "w") as f:
-        json.dump(state, f, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic_write_json(path, state)
     print(f"[demo] {name}: done in {res['seconds']:.0f} s", flush=True)
     return res
 
@@ -102,11 +160,10 @@ def run_demo(
     from .transforms import save_image
     from .vqgan import VQTokenizer
 
-    if fresh and os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
+    prepare_out(out, fresh)
     state_path = os.path.join(out, "stages.json")
-    state = json.load(open(state_path)) if os.path.isfile(state_path) else {}
+    claim(out, ["stages.json"])
+    state = read_json(state_path, "demo state") if os.path.isfile(state_path) else {}
     plan = {**_budget_plan(budget_minutes), **(plan_overrides or {})}
     tok_dir, mage_dir, judge_dir = (os.path.join(out, d) for d in ("tokenizer", "mage", "judge"))
     cache = os.path.join(out, "tokens-train.safetensors")
@@ -257,12 +314,13 @@ def run_demo(
         r = ev.evaluate_fid(None, data, num, images=data, images_split="train", data_dir=data_dir)
         return {"fid": r["fid"], "num": num, "line": ev.fid_line(r)}
 
-    _stage(state, state_path, "tokenizer", tokenizer_stage)
-    _stage(state, state_path, "cache", cache_stage)
-    _stage(state, state_path, "mage", mage_stage)
-    _stage(state, state_path, "judge", judge_stage)
+    _stage(state, state_path, "tokenizer", tokenizer_stage, ("tokenizer", "reconstructions.png"))
+    _stage(state, state_path, "cache", cache_stage, (os.path.basename(cache),))
+    _stage(state, state_path, "mage", mage_stage, ("mage",))
+    _stage(state, state_path, "judge", judge_stage, ("judge",))
     _stage(state, state_path, "recognition", recognition_stage)
-    _stage(state, state_path, "samples", samples_stage)
+    samples = ("samples_uncond.png", "samples_per_class.png", "inpaint.png", "outpaint.png", "outpaint48.png")
+    _stage(state, state_path, "samples", samples_stage, samples)
     _stage(state, state_path, "agreement", agreement_stage)
     try:
         ev.inception_path()
@@ -282,7 +340,9 @@ def run_demo(
         print(f"[demo] fid: skipped ({e})", flush=True)
     for src, dst in ((os.path.join(mage_dir, "curve.png"), "mage_curve.png"),):
         if os.path.isfile(src):
+            claim(out, [dst])
             shutil.copy(src, os.path.join(out, dst))
+    claim(out, ["report.md", "report.html"])
     return write_report(
         out,
         state,

@@ -49,7 +49,7 @@ from .checkpoint import (
 from .compiling import CompiledStep
 from .config import to_dict
 from .distributed import DistInfo, all_reduce_mean, barrier, max_over_ranks
-from .errors import MageError
+from .errors import MageError, UnsafeFileError
 from .files import atomic_write, atomic_write_json
 
 # config fields a resumed run may change; any other difference from the run's saved config is refused
@@ -323,17 +323,23 @@ def check_resume_config(out: str, saved: Any, cfg: Any) -> None:
 
 def _newest_readable(out: str, device: torch.device) -> tuple[int, str, dict[str, torch.Tensor], dict[str, Any]] | None:
     """(step, dir, weights, train state) of the newest checkpoint that reads back; an unreadable one is skipped
-    with a warning naming it."""
-    for step, path in reversed(step_dirs(out)):
+    with a warning naming it. None when the run has no checkpoint; an error when none of them reads back, or when
+    one holds code (a run folder someone tampered with is not resumed from an older step either)."""
+    dirs = step_dirs(out)
+    for step, path in reversed(dirs):
         try:
             weights = load_weights(path)
             state = load_train_state(path, map_location=device)
             load_config(os.path.join(path, CONFIG))
             return step, path, weights, state
+        except UnsafeFileError:
+            raise
         except MageError as e:
             warnings.warn(
                 f"checkpoint {path} is unreadable ({e}); resuming from the one before it", RuntimeWarning, stacklevel=3
             )
+    if dirs:
+        raise MageError(f"cannot resume {out}: none of its {len(dirs)} checkpoints reads back (see the warnings)")
     return None
 
 

@@ -3,3 +3,7 @@
 
 class MageError(Exception):
     """A problem the user can fix (bad input, missing file, unknown preset, ...)."""
+
+
+class UnsafeFileError(MageError):
+    """A file that only code could load (a pickle global outside the allow-list): refused, nothing was run."""

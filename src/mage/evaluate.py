@@ -608,7 +608,7 @@ def train_judge(
     images. The test accuracy is then what a supervised CNN can learn from what the tokens keep -- a ceiling
     for recognition on those tokens (a linear probe on frozen MAGE features rarely beats it)."""
     from .checkpoint import atomic_write_json
-    from .data import load_dataset
+    from .data import check_classes, load_dataset
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = None
@@ -619,8 +619,7 @@ def train_judge(
         image_size = tok.config.image_size
     tr = load_dataset(data, "train", image_size, "none", data_dir, seed, None)
     te = load_dataset(data, "test", image_size, "none", data_dir, seed, None)
-    if tr.classes is None:
-        raise MageError(f"{data} has no labels: the judge needs a labelled dataset")
+    check_classes(data, tr.labels(), tr.classes, "the judge")
 
     def images(ds, split: str) -> torch.Tensor:  # [N, 3, S, S] in [0, 1]
         if tok is None:
@@ -681,11 +680,16 @@ def load_judge(path: str, device: torch.device | str = "cpu") -> tuple[Judge, di
     mpath, wpath = os.path.join(path, "judge.json"), os.path.join(path, "judge.safetensors")
     if not (os.path.isfile(mpath) and os.path.isfile(wpath)):
         raise MageError(f"no judge at {path}: train one with 'mage evaluate train-judge --data D --out {path}'")
-    from safetensors.torch import load_file
+    from .checkpoint import load_strict, read_safetensors
+    from .files import read_json
 
-    meta = json.load(open(mpath))
-    net = Judge(len(meta["classes"]), meta["width"])
-    net.load_state_dict(load_file(wpath))
+    meta = read_json(mpath, "judge")
+    classes, width = meta.get("classes"), meta.get("width")
+    ok = isinstance(classes, list) and classes and type(width) is int and width > 0
+    if not ok or type(meta.get("image_size")) is not int or "test_accuracy" not in meta:
+        raise MageError(f"cannot read judge {mpath}: classes, width, image_size or test_accuracy missing or invalid")
+    net = Judge(len(classes), width)
+    load_strict(net, read_safetensors(wpath, "judge weights"), wpath)
     return net.to(device).eval(), meta
 
 

@@ -25,16 +25,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import fastpath
-from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_strict, resolve_checkpoint, save_checkpoint
 from .compiling import check_mode as check_compile_mode
 from .config import FinetuneConfig, MAGEConfig
+from .data import check_classes
 from .distributed import DistInfo, adamw, init_distributed
 from .engine import LoopSettings, Task, batch_count, fit
 from .errors import MageError
 from .files import atomic_write_json
 from .model import Block, TokenEmbedding
 from .precision import autocast, bf16_supported
-from .tokens import TokenCache
+from .tokens import TokenCache, check_cache_tokenizer
 from .vocab import Vocab
 from .vqgan import VQTokenizer
 
@@ -68,13 +69,7 @@ class MAGEClassifier(nn.Module):
         """Take token_emb.* and blocks.* from a pre-trained MAGE state dict (the rest is MAGE-only)."""
         own = self.state_dict()
         take = {k: v for k, v in weights.items() if k.startswith(("token_emb.", "blocks.")) and k in own}
-        missing = [k for k in own if k.startswith(("token_emb.", "blocks.")) and k not in take]
-        if missing:
-            raise MageError(f"{where} does not fit the encoder (missing {missing[:3]})")
-        for k, v in take.items():
-            if v.shape != own[k].shape:
-                raise MageError(f"{where}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-        self.load_state_dict(take, strict=False)
+        load_strict(self, take, where, keep_missing=("fc_norm.", "head."))
 
 
 def layer_decay_groups(model: MAGEClassifier, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
@@ -204,6 +199,7 @@ def finetune(
     if cfg.bf16 and bf16_supported(dev.type):
         tok.channels_last()  # on-the-fly tokenizing runs in bf16
     tc = TokenCache(cache) if cache else None
+    check_cache_tokenizer(tc, tok, tok_path)  # a cache is only valid with the tokenizer that made it
     dataset = None
     if tc is not None:
         classes, labels_all = tc.classes, tc.labels
@@ -217,8 +213,7 @@ def finetune(
 
         dataset = load_dataset(data, "train", tok.config.image_size, cfg.data_augment, data_dir, cfg.seed, limit)
         classes, labels_all = dataset.classes, dataset.labels()
-    if not classes or int(labels_all.min()) < 0:
-        raise MageError("fine-tuning needs a labelled dataset")
+    check_classes(data or cache, labels_all, classes, "fine-tuning")
     source = TokenSource(info, cfg.batch_size, cfg.seed, 1, tok, tc, dataset, workers, cfg.bf16)
     loop = settings(cfg, source.n, accum)
 
@@ -248,6 +243,7 @@ def finetune(
                 "model": "model",
                 "tokenizer": "tokenizer",
                 "pretrained": os.path.abspath(model_dir),
+                "pretrained_checkpoint": os.path.abspath(where),  # the step it started from (the run may go on)
                 "image_size": tok.config.image_size,
                 "classes": classes,
                 "pool": "mean",
@@ -266,8 +262,10 @@ class FinetunedClassifier:
     def __init__(self, path: str, meta: dict[str, Any]):
         self.meta = meta
         weights, arch, where = load_checkpoint(os.path.join(path, meta["model"]))
+        if not isinstance(arch, MAGEConfig):
+            raise MageError(f"{where} holds a {type(arch).__name__}, not a fine-tuned MAGE classifier")
         self.model = MAGEClassifier(arch, len(meta["classes"]))
-        self.model.load_state_dict(weights)
+        load_strict(self.model, weights, where)
         self.model.eval()
         self.tokenizer = VQTokenizer.from_pretrained(os.path.join(path, meta["tokenizer"])).eval()
         self.classes = meta["classes"]

@@ -334,8 +334,9 @@ class MAGE(nn.Module):
     ) -> "MAGE":
         """Our checkpoint (run or step directory) or an original ``{'model': state_dict}`` file.
 
-        Head counts are not visible in an original file's shapes: the released widths (768, 1024) are
-        known; pass ``num_heads`` / ``decoder_num_heads`` for other sizes."""
+        Head counts are not visible in an original file's shapes and are never guessed: ``num_heads`` /
+        ``decoder_num_heads``, else the file's ``args``, else the released widths (768, 1024); otherwise a
+        MageError asks for them (:func:`mage.official.resolve_heads`). The file is read without running code."""
         from .checkpoint import load_checkpoint, load_strict, torch_load_official
         from .official import convert_official_mage
 

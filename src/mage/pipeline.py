@@ -218,6 +218,11 @@ def inpaint(
     return image * (1 - w) + gen * w
 
 
+#: Outpainting extends each side by at most this many times the model's resolution (the work grows with the
+#: square of the canvas: a canvas of 9 x 9 tiles is already hundreds of decodes).
+MAX_EXTEND = 4
+
+
 @torch.no_grad()
 def outpaint(
     pipe: MAGEPipeline,
@@ -230,11 +235,19 @@ def outpaint(
     sampler: SamplerConfig | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Extend the canvas on any side. Canvases larger than the model's resolution are filled tile by tile
-    (S x S windows with 50% overlap, nearest to the original first); the original pixels are kept exactly."""
+    """Extend the canvas on any side, each by at most :data:`MAX_EXTEND` x the model's resolution S. Canvases
+    larger than S are filled tile by tile (S x S windows with 50% overlap, nearest to the original first); the
+    original pixels are kept exactly."""
     S = _check_image(pipe, image)
     if min(left, right, top, bottom) < 0:
         raise MageError("extensions must be >= 0")
+    most = MAX_EXTEND * S
+    for side, n in (("left", left), ("right", right), ("top", top), ("bottom", bottom)):
+        if n > most:
+            raise MageError(
+                f"cannot extend {side} by {n} pixels: at most {most} per side ({MAX_EXTEND} x the model's "
+                f"{S}-pixel tiles); outpaint in several passes for more"
+            )
     _, H, W = image.shape
     CH, CW = H + top + bottom, W + left + right
     if CH < S or CW < S:

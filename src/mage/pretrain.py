@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fastpath, seeding
-from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_strict, resolve_checkpoint, save_checkpoint
 from .compiling import check_mode as check_compile_mode
 from .config import MAGEConfig, PretrainConfig
 from .distributed import DistInfo, adamw, all_gather_cat, init_distributed, to_device
@@ -32,7 +32,7 @@ from .errors import MageError
 from .files import atomic_write_json
 from .model import MAGE
 from .precision import autocast, bf16_supported
-from .tokens import TokenCache, cache_tokens  # noqa: F401  (re-exported: mage.pretrain.cache_tokens)
+from .tokens import TokenCache, cache_tokens, check_cache_tokenizer  # noqa: F401  (cache_tokens: re-exported)
 from .vqgan import VQTokenizer
 
 
@@ -223,6 +223,7 @@ def pretrain(
     if tokenizer is None:
         raise MageError("give --tokenizer (or a --cache made by 'mage cache-tokens')")
     tok = VQTokenizer.from_pretrained(tokenizer).to(dev)
+    check_cache_tokenizer(tc, tok, tokenizer)  # a cache is only valid with the tokenizer that made it
     for p in tok.parameters():
         p.requires_grad_(False)
     if train.bf16 and bf16_supported(dev.type):
@@ -258,10 +259,7 @@ def pretrain(
     fastpath.apply(model, dev, training=True)  # CPU dropout and attention (graphs being compiled keep their own)
     if init:
         w, _, where = load_checkpoint(init)
-        missing, unexpected = model.load_state_dict(w, strict=False)
-        bad = [k for k in missing if not k.startswith(("class_emb", "contrastive_head"))]
-        if bad or unexpected:
-            raise MageError(f"--init {where} does not fit this model (missing {bad[:3]}, unexpected {unexpected[:3]})")
+        load_strict(model, w, f"--init {where}", keep_missing=("class_emb", "contrastive_head"))
     task = PretrainTask(cfg, train, info, source, model, tokenizer, classes)
     task.run_args = {
         "data": data,

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .engine import Task
 from .errors import MageError
+from .files import atomic_write_json, read_json
 
 # --------------------------------------------------------------------------------------------------
 # features
@@ -117,14 +118,61 @@ def map_batches(ds, fn, batch_size: int, desc: str, progress: bool) -> torch.Ten
     return torch.cat(out)
 
 
+def features_key(
+    model_dir: str, data: str, split: str, pool: str, data_dir: str | None = None, limit: int | None = None
+) -> dict[str, Any]:
+    """What cached features depend on: the checkpoint the run resolves to now (its step folder, the size and
+    mtime of its weights and of the tokenizer's), the data (spec, split, limit, ``data_dir``; for ``folder:``
+    data the list of files) and the pooling. Training on, or adding images, changes the key."""
+    from .checkpoint import WEIGHTS, resolve_checkpoint
+
+    def weights_stamp(path: str) -> list[Any] | None:
+        try:
+            ckpt = resolve_checkpoint(path)
+            st = os.stat(os.path.join(ckpt, WEIGHTS))
+        except (MageError, OSError):
+            return None
+        return [os.path.relpath(os.path.abspath(ckpt), os.path.abspath(model_dir)), st.st_size, st.st_mtime_ns]
+
+    key: dict[str, Any] = {
+        "checkpoint": weights_stamp(model_dir),
+        "tokenizer": weights_stamp(os.path.join(model_dir, "tokenizer")),
+        "data": data,
+        "split": split,
+        "pool": pool,
+        "limit": limit,
+        "data_dir": os.path.abspath(data_dir) if data_dir else None,
+    }
+    if data.strip().lower().startswith("folder:"):
+        import hashlib
+        import warnings
+
+        from .data import load_dataset
+
+        with warnings.catch_warnings():  # the embedding below reads it again and warns there
+            warnings.simplefilter("ignore")
+            ds = load_dataset(data, split, 32, "none", data_dir, 0, limit)  # files are not opened
+        key["folder"] = os.path.abspath(ds.root)
+        key["files"] = hashlib.sha256("\n".join(ds.files).encode("utf-8", "surrogateescape")).hexdigest()
+    return key
+
+
 def cached_features(
     model_dir: str, data: str, split: str, pool: str = "mean", data_dir: str | None = None, limit: int | None = None
 ) -> dict[str, Any]:
-    """``embed_dataset`` cached under MODEL_DIR/features/ (so repeated probes are cheap)."""
+    """``embed_dataset`` cached under MODEL_DIR/features/ (so repeated probes are cheap), keyed by
+    :func:`features_key`: features of an older checkpoint or another file list are never reused (and are
+    removed when the new ones are written)."""
     if is_baseline(model_dir):
         return embed_dataset(model_dir, data, split, pool, data_dir, limit)
+    import glob
+    import hashlib
+
     tag = "".join(c if c.isalnum() else "_" for c in f"{data}-{split}-{pool}-{limit}")
-    path = os.path.join(model_dir, "features", tag + ".npz")
+    key = features_key(model_dir, data, split, pool, data_dir, limit)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = os.path.join(model_dir, "features")
+    path = os.path.join(folder, f"{tag}-{digest}.npz")
     if os.path.isfile(path):
         z = np.load(path, allow_pickle=False)
         classes = json.loads(str(z["classes"])) if "classes" in z else None
@@ -135,6 +183,10 @@ def cached_features(
         }
     r = embed_dataset(model_dir, data, split, pool, data_dir, limit)
     save_features(r, path)
+    stale = glob.glob(os.path.join(glob.escape(folder), glob.escape(tag) + "-" + "[0-9a-f]" * 16 + ".npz"))
+    for old in [*stale, os.path.join(folder, tag + ".npz")]:  # other keys of the same data: older checkpoints
+        if old != path and os.path.isfile(old):
+            os.remove(old)
     return r
 
 
@@ -370,27 +422,28 @@ def save_classifier(
 ) -> None:
     from safetensors.torch import save_file
 
+    from .checkpoint import resolve_checkpoint
+
     os.makedirs(out, exist_ok=True)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(out, "head.safetensors.tmp"))
     os.replace(os.path.join(out, "head.safetensors.tmp"), os.path.join(out, "head.safetensors"))
     meta = {
         "kind": "linear-probe",
         "model": os.path.abspath(model_dir),
+        "checkpoint": os.path.abspath(resolve_checkpoint(model_dir)),  # the step it was trained on
         "pool": pool,
         "image_size": image_size,
         "classes": classes or [str(i) for i in range(head.linear.out_features)],
         "metrics": metrics,
     }
-    with open(os.path.join(out, "classifier.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    atomic_write_json(os.path.join(out, "classifier.json"), meta)
 
 
 class Classifier:
     """A saved classifier (linear probe or fine-tuned encoder): image -> class probabilities."""
 
     def __init__(self, path: str):
-        from safetensors.torch import load_file
-
+        from .checkpoint import load_strict, read_safetensors
         from .pipeline import MAGEPipeline
 
         meta_path = os.path.join(path, "classifier.json")
@@ -398,20 +451,52 @@ class Classifier:
             raise MageError(
                 f"no classifier at {path} (expected classifier.json from 'mage probe linear' or 'mage finetune')"
             )
-        self.meta = json.load(open(meta_path))
+        self.meta = read_json(meta_path, "classifier")
+        finetuned = self.meta.get("kind") == "finetune"
+        need = ("classes", "image_size", "model") + (("tokenizer",) if finetuned else ("pool",))
+        bad = [k for k in need if not self.meta.get(k)]
+        if bad or not isinstance(self.meta["classes"], list) or type(self.meta["image_size"]) is not int:
+            raise MageError(
+                f"cannot read classifier {meta_path}: {', '.join(bad) or 'classes or image_size'} missing or invalid"
+            )
         self.classes = self.meta["classes"]
         self._finetuned = None
-        if self.meta.get("kind") == "finetune":
+        if finetuned:
             from .finetune import FinetunedClassifier
 
             self._finetuned = FinetunedClassifier(path, self.meta)
             return
-        self.pipe = MAGEPipeline.from_pretrained(self.meta["model"])
-        sd = load_file(os.path.join(path, "head.safetensors"))
-        self.head = ProbeHead(sd["linear.weight"].shape[1], sd["linear.weight"].shape[0])
-        self.head.load_state_dict(sd)
+        head_path = os.path.join(path, "head.safetensors")
+        sd = read_safetensors(head_path, "classifier head")
+        w = sd.get("linear.weight")
+        if w is None or w.dim() != 2 or w.shape[0] != len(self.classes):
+            raise MageError(
+                f"{head_path} is not a linear-probe head for the {len(self.classes)} classes of {meta_path} "
+                f"(linear.weight: {None if w is None else tuple(w.shape)})"
+            )
+        self.head = ProbeHead(w.shape[1], w.shape[0])
+        load_strict(self.head, sd, head_path)
         self.head.eval()
+        self.pipe = MAGEPipeline.from_pretrained(
+            self._checkpoint(), tokenizer=os.path.join(self.meta["model"], "tokenizer")
+        )
         self.classes = self.meta["classes"]
+
+    def _checkpoint(self) -> str:
+        """The checkpoint the head was trained on (recorded since the run may have trained on); when it is gone
+        (pruned), the run's newest, with a warning."""
+        ckpt = self.meta.get("checkpoint")
+        if ckpt is None or os.path.isdir(ckpt):
+            return ckpt or self.meta["model"]
+        import warnings
+
+        warnings.warn(
+            f"the classifier was trained on {ckpt}, which is gone: using the newest checkpoint of "
+            f"{self.meta['model']} (run 'mage probe linear' again for a head that matches it)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return self.meta["model"]
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The token cache (``mage cache-tokens``): a dataset split tokenized once, read by pre-training and fine-tuning.
 
 Tokens are stored as int16 when the codebook fits (int32 otherwise): ``views`` [N, V, L] (V = the image,
-its mirror, then any random-resized crops) and ``labels`` [N], with the tokenizer and data in the metadata.
+its mirror, then any random-resized crops) and ``labels`` [N], with the tokenizer (its path and the sha256 of its
+weights, checked by pre-training and fine-tuning: :func:`check_cache_tokenizer`) and data in the metadata.
 They stay in that dtype in memory too (the file is memory-mapped, never copied): :meth:`TokenCache.rows`
 widens only the rows a step uses.
 
@@ -13,8 +14,10 @@ so N ranks write the file 1 process writes, bit for bit::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 
 import torch
 from safetensors import safe_open
@@ -46,6 +49,38 @@ class _ImageAndCrops(torch.utils.data.Dataset):
         image, label = self.dataset.item(i, 0)  # [3, S, S]; no augmentation
         views = [image] + [self.crop(image, item_generator(self.seed, 1 + v, i)) for v in range(self.crops)]
         return torch.stack(views), label  # [1 + crops, 3, S, S]
+
+
+def tokenizer_digest(tok: VQTokenizer) -> str:
+    """sha256 of a tokenizer's weights: the names, dtypes, shapes and bytes of its state dict, so the same weights
+    give the same digest whichever file they were read from (a run's copy, a re-saved original checkpoint)."""
+    h = hashlib.sha256()
+    for name, t in sorted(tok.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_cache_tokenizer(cache: "TokenCache | None", tok: VQTokenizer, tokenizer: str | None) -> None:
+    """A token cache is only valid with the tokenizer that made it: refuse (one line) a ``tok`` whose weights
+    differ from those recorded in the cache (caches from before the record: a warning, nothing to compare)."""
+    if cache is None:
+        return
+    recorded = cache.meta.get("tokenizer_sha256")
+    if not recorded:
+        warnings.warn(
+            f"token cache {cache.path} does not record its tokenizer's weights (an older cache): cannot check that "
+            f"it was made with {tokenizer}",
+            UserWarning,
+            stacklevel=2,
+        )
+        return
+    mine = tokenizer_digest(tok)
+    if mine != recorded:
+        raise MageError(
+            f"token cache {cache.path} was made with another tokenizer than {tokenizer} (weights sha256 "
+            f"{recorded[:12]}, not {mine[:12]}): make it again with 'mage cache-tokens --tokenizer {tokenizer}'"
+        )
 
 
 def _save(tensors: dict[str, torch.Tensor], out: str, meta: dict[str, str] | None = None) -> None:
@@ -126,6 +161,7 @@ def cache_tokens(
         "classes": json.dumps(getattr(ds, "classes", None)),
         "crops": str(crops),
         "crop_scale": str(crop_scale),
+        "tokenizer_sha256": tokenizer_digest(tok),
     }
     if info.is_main:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -160,6 +196,7 @@ class TokenCache:
     def __init__(self, path: str):
         if not os.path.isfile(path):
             raise MageError(f"token cache not found: {path}")
+        self.path = path
         try:
             with safe_open(path, "pt") as f:
                 self.meta = f.metadata() or {}

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -56,6 +58,8 @@ __all__ = [
     "to_rgb_tensor",
     "tensor_to_pil",
     "load_image",
+    "max_pixels",
+    "MAX_PIXELS",
     "make_grid",
     "save_image",
 ]
@@ -499,22 +503,69 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+#: Default limit on an input image's pixels (width x height), 64 Mi = 8192 x 8192: checked from the file's header
+#: before anything is decoded, so a huge (or forged) image cannot take the memory. The environment variable
+#: ``MAGE_MAX_PIXELS`` overrides it (0 = no limit).
+MAX_PIXELS = 64 * 1024 * 1024
+
+
+def max_pixels() -> int:
+    """The pixel limit of :func:`load_image`: ``MAGE_MAX_PIXELS`` when set, else :data:`MAX_PIXELS`; 0 = none."""
+    text = os.environ.get("MAGE_MAX_PIXELS", "").strip()
+    if not text:
+        return int(MAX_PIXELS)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise MageError(f"MAGE_MAX_PIXELS must be a whole number of pixels >= 0 (0 = no limit), got '{text}'")
+    return value
+
+
+def _too_large(path: PathLike, pixels: int | None, limit: int, size: tuple[int, int] | None = None) -> MageError:
+    what = f"{size[0]}x{size[1]} = " if size else ""
+    got = f" ({what}{pixels:,} pixels)" if pixels else ""
+    return MageError(
+        f"image {path} is too large{got}: the limit is {limit:,} pixels (set MAGE_MAX_PIXELS to change it)"
+    )
+
+
 def load_image(path: PathLike) -> torch.Tensor:
-    """Read an image file -> float ``[3, H, W]`` in ``[0, 1]`` (EXIF orientation applied).
+    """Read an image file -> float ``[3, H, W]`` in ``[0, 1]``.
+
+    Odd but valid files work: the EXIF orientation is applied; 16-bit grey (``I;16``, ``I``), CMYK, palette,
+    grey and 1-bit images are converted (see :func:`to_rgb_tensor`); transparency is composited on **white**;
+    of an animated GIF / WebP the first frame is read. An image of more than :func:`max_pixels` pixels is
+    refused from its header, before it is decoded (PIL's own decompression-bomb limit is kept at the same
+    value, so its error reads the same).
 
     Raises:
-        MageError: one line ``cannot read image PATH: REASON`` for a missing, unreadable,
-            corrupt, truncated or non-image file.
+        MageError: one line ``cannot read image PATH: REASON`` for a missing, unreadable, corrupt, truncated or
+            non-image file; ``image PATH is too large ...`` for one over the pixel limit.
     """
+    limit = max_pixels()
+    Image.MAX_IMAGE_PIXELS = limit or None  # PIL warns past this and refuses past twice this
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, in our words
+            opened = Image.open(path)  # lazy: reads the header only
+        with opened as image:
+            w, h = image.size
+            if limit and w * h > limit:
+                raise _too_large(path, w * h, limit, (w, h))
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)  # animated: the first frame
             image.load()
             try:
                 image = ImageOps.exif_transpose(image)
             except Exception:  # a broken EXIF block should not make a good image unreadable
                 pass
             return to_rgb_tensor(image)
-    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError, EOFError) as exc:
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(path, int(found.group(1)) if found else None, limit) from None
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, EOFError) as exc:
         raise MageError(f"cannot read image {path}: {_one_line(exc)}") from exc
 
 

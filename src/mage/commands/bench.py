@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import POSITIVE, Command, int_list
+from .common import OUT_FILE, POSITIVE, Command, int_list
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="also time training and generation through torch.compile "
         "(mode 'compiled'; training as pretrain --compile, generation's forward with freezing)",
     )
-    p.add_argument("--json", default=None, help="also write the rows as JSON")
+    p.add_argument("--json", type=OUT_FILE, default=None, help="also write the rows as JSON")
     p.add_argument(
         "--agreement",
         default=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -21,8 +22,13 @@ class Command(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 # argparse types
 # --------------------------------------------------------------------------------------------------
-def number(kind: type, low: float, strict: bool = False) -> Callable[[str], float]:
-    """argparse ``type=``: a number >= low (> low with strict); anything else is a one-line usage error, exit 2."""
+def _fmt(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def number(kind: type, low: float, strict: bool = False, high: float | None = None) -> Callable[[str], float]:
+    """argparse ``type=``: a finite number >= low (> low with strict) and <= high (when given); anything else
+    (text, ``nan``, ``inf``, out of range) is a one-line usage error, exit 2."""
 
     def parse(text: str):
         try:
@@ -31,8 +37,14 @@ def number(kind: type, low: float, strict: bool = False) -> Callable[[str], floa
             raise argparse.ArgumentTypeError(
                 f"expected {'an integer' if kind is int else 'a number'}, got '{text}'"
             ) from None
-        if v < low or (strict and v == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g} (got {text})")
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+        if v < low or (strict and v == low) or (high is not None and v > high):
+            if high is not None:
+                raise argparse.ArgumentTypeError(
+                    f"must be {'>' if strict else '>='} {_fmt(low)} and <= {_fmt(high)} (got {text})"
+                )
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {_fmt(low)} (got {text})")
         return v
 
     return parse
@@ -41,6 +53,63 @@ def number(kind: type, low: float, strict: bool = False) -> Callable[[str], floa
 POSITIVE = number(int, 1)  # counts, batch sizes, epochs
 NONNEG = number(float, 0)  # minutes (0 = no limit), guidance scales, weights
 POSITIVE_F = number(float, 0, strict=True)
+SEED = number(int, 0, high=2**63 - 1)  # every --seed: fits torch's and numpy's generators wherever it is mixed in
+
+
+OUT_KINDS = ("file", "dir", "png-or-dir", "any")
+
+
+def out_problem(path: str, kind: str) -> str | None:
+    """Why ``path`` cannot be written as a ``kind`` (file | dir | png-or-dir: a .png file, else a folder |
+    any), or None: an empty path, a path under a regular file, a file where a folder goes (or the reverse),
+    a folder we may not write in. Checked before any work, so a long run never fails at its first save."""
+    if kind not in OUT_KINDS:
+        raise ValueError(f"unknown output kind {kind!r}")
+    if not path or not path.strip():
+        return "the path is empty"
+    if kind == "png-or-dir":
+        kind = "file" if path.lower().endswith(".png") else "dir"
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        if kind == "file":
+            return f"cannot write {path}: it is a folder, not a file"
+        where = full
+    elif os.path.exists(full):
+        if kind == "dir":
+            return f"cannot write {path}: it is a file, not a folder"
+        where = os.path.dirname(full)
+    else:
+        where = os.path.dirname(full)
+        while not os.path.exists(where) and os.path.dirname(where) != where:
+            where = os.path.dirname(where)
+        if not os.path.isdir(where):
+            return f"cannot write {path}: {where} is a file, not a folder"
+    if not os.access(where, os.W_OK | os.X_OK):
+        return f"cannot write {path}: no permission to write in {where}"
+    return None
+
+
+def check_out(path: str, kind: str) -> str:
+    """``path`` if it can be written as a ``kind`` (see :func:`out_problem`), else a one-line MageError."""
+    problem = out_problem(path, kind)
+    if problem:
+        raise MageError(f"--out: {problem}" if problem == "the path is empty" else problem)
+    return path
+
+
+def out_path(kind: str) -> Callable[[str], str]:
+    """argparse ``type=`` of an output path (see :func:`out_problem`): a bad one is a one-line usage error."""
+
+    def parse(text: str) -> str:
+        problem = out_problem(text, kind)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return text
+
+    return parse
+
+
+OUT_FILE, OUT_DIR, OUT_ANY = out_path("file"), out_path("dir"), out_path("any")
 
 
 def int_list(text: str) -> list[int]:
@@ -94,7 +163,7 @@ def add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
 def add_training_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     """What every trainer takes: the config flags, --out, --resume, --accum and --workers."""
     add_config_args(p, default_preset)
-    p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, curve.png)")
+    p.add_argument("--out", type=OUT_DIR, required=True, help="run directory (checkpoints, log.jsonl, curve.png)")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -166,14 +235,17 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=POSITIVE, default=20, help="decoding iterations (default 20, as the original)")
-    p.add_argument("--temperature", type=float, default=1.0, help="token sampling temperature (default 1)")
+    p.add_argument("--temperature", type=POSITIVE_F, default=1.0, help="token sampling temperature (default 1)")
     p.add_argument(
-        "--choice-temperature", type=float, default=6.0, help="Gumbel noise on confidences, annealed to 0 (default 6.0)"
+        "--choice-temperature",
+        type=NONNEG,
+        default=6.0,
+        help="Gumbel noise on confidences, annealed to 0 (default 6.0)",
     )
     p.add_argument("--schedule", default="cosine", help="cosine | linear | arccos")
     p.add_argument("--cfg", type=NONNEG, default=0.0, help="classifier-free guidance scale (0 = off)")
     p.add_argument("--cfg-schedule", default="constant", help="constant | linear")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="0 <= seed < 2**63 (default 0)")
     p.add_argument("--batch-size", type=POSITIVE, default=64)
 
 

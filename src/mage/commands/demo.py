@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from .common import POSITIVE_F, Command
+from .common import OUT_DIR, POSITIVE_F, Command
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", type=OUT_DIR, default="runs/demo")
     p.add_argument("--budget", type=POSITIVE_F, default=15.0, help="wall-clock minutes for everything (default 15)")
     p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
     p.add_argument("--data-dir", default=None)

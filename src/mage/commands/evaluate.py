@@ -8,12 +8,15 @@ import json
 from ..errors import MageError
 from .common import (
     NONNEG,
+    OUT_ANY,
+    OUT_FILE,
     POSITIVE,
     POSITIVE_F,
     Command,
     add_data_args,
     add_sampler_args,
     add_weights_arg,
+    check_out,
     number,
     sampler_config,
 )
@@ -42,7 +45,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--judge", default=None, help="agreement: judge directory from 'mage evaluate train-judge'")
     p.add_argument("--per-class", type=POSITIVE, default=100, help="agreement: samples per class (default 100)")
-    p.add_argument("--grid", default=None, help="agreement: also save 10 samples per class as this PNG")
+    p.add_argument("--grid", type=OUT_FILE, default=None, help="agreement: also save 10 samples per class as this PNG")
     p.add_argument("--epochs", type=POSITIVE_F, default=4, help="train-judge: epochs (default 4)")
     p.add_argument("--width", type=POSITIVE, default=32, help="train-judge: channels of the first stage (default 32)")
     p.add_argument("--max-minutes", type=NONNEG, default=0.0, help="train-judge: wall-clock limit (0 = none)")
@@ -54,13 +57,15 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_sampler_args(p)
     add_weights_arg(p)
-    p.add_argument("--out", default=None, help="fid/agreement: JSON file; train-judge: judge directory")
+    p.add_argument("--out", type=OUT_ANY, default=None, help="fid/agreement: JSON file; train-judge: judge directory")
     p.add_argument("--json", action="store_true", help="print the full JSON instead of one line")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from .. import evaluate as ev
 
+    if args.out:
+        check_out(args.out, "dir" if args.kind == "train-judge" else "file")
     if args.kind == "train-judge":
         if not args.out:
             raise MageError("train-judge needs --out DIR")

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..errors import MageError
-from .common import POSITIVE, Command, add_sampler_args, add_weights_arg, number, sampler_config
+from .common import OUT_FILE, POSITIVE, Command, add_sampler_args, add_weights_arg, number, out_path, sampler_config
 
 
 def _write_images(images, out: str, nrow: int | None = None) -> None:
@@ -39,7 +39,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", default=None, help="'all': --num images of every class, one row per class")
     add_sampler_args(p)
     add_weights_arg(p)
-    p.add_argument("--out", required=True, help="a .png grid, or a folder of PNGs")
+    p.add_argument("--out", type=out_path("png-or-dir"), required=True, help="a .png grid, or a folder of PNGs")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -76,7 +76,7 @@ def add_inpaint_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_sampler_args(p)
     add_weights_arg(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=OUT_FILE, required=True, help="output PNG")
 
 
 def run_inpaint(args: argparse.Namespace) -> int:
@@ -125,7 +125,7 @@ def add_outpaint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class", dest="class_label", default=None)
     add_sampler_args(p)
     add_weights_arg(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=OUT_FILE, required=True, help="output PNG")
 
 
 def run_outpaint(args: argparse.Namespace) -> int:

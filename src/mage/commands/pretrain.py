@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (
+    OUT_FILE,
     POSITIVE,
     Command,
     add_compile_arg,
@@ -23,17 +24,20 @@ def add_cache_tokens_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", required=True)
     add_data_args(p)
     p.add_argument("--split", default="train")
-    p.add_argument("--out", required=True, help="cache file (.safetensors)")
+    p.add_argument("--out", type=OUT_FILE, required=True, help="cache file (.safetensors)")
     p.add_argument("--no-flip", action="store_true", help="do not add horizontally flipped copies")
     p.add_argument(
         "--crops",
-        type=int,
+        type=number(int, 0),
         default=0,
         help="also cache K random-resized-crop views per image "
         "(the original's augmentation; pre-training draws one view per step)",
     )
     p.add_argument(
-        "--crop-scale", type=float, default=0.2, help="smallest crop area fraction (default 0.2, the original's)"
+        "--crop-scale",
+        type=number(float, 0, strict=True, high=1),
+        default=0.2,
+        help="smallest crop area fraction (default 0.2, the original's)",
     )
     p.add_argument("--batch-size", type=POSITIVE, default=256)
     p.add_argument(

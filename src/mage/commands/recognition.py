@@ -8,8 +8,11 @@ import os
 
 from ..errors import MageError
 from .common import (
+    OUT_DIR,
+    OUT_FILE,
     POSITIVE,
     POSITIVE_F,
+    SEED,
     Command,
     add_compile_arg,
     add_data_args,
@@ -34,7 +37,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     add_data_args(p)
     p.add_argument("--split", default="train")
     p.add_argument("--pool", default="mean", help=POOL_HELP)
-    p.add_argument("--out", required=True, help=".npz or .safetensors")
+    p.add_argument("--out", type=OUT_FILE, required=True, help=".npz or .safetensors")
 
 
 def run_embed(args: argparse.Namespace) -> int:
@@ -72,20 +75,23 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_data_args(p)
     p.add_argument("--pool", default="mean", help=POOL_HELP)
-    p.add_argument("--out", default=None, help="where to save the classifier (linear) / results (few-shot)")
+    p.add_argument(
+        "--out", type=OUT_DIR, default=None, help="where to save the classifier (linear) / results (few-shot)"
+    )
     p.add_argument("--epochs", type=POSITIVE, default=90)
     p.add_argument("--blr", type=POSITIVE_F, default=0.1)
     p.add_argument("--optimizer", default="sgd", help="sgd (default) | lars (the original's, for batch 4096)")
     p.add_argument("--batch-size", type=POSITIVE, default=256)
     p.add_argument("--shots", type=int_list, default=[1, 2, 5, 10], help="shots per class, e.g. 1,2,5,10")
     p.add_argument("--draws", type=POSITIVE, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="0 <= seed < 2**63 (default 0)")
     p.add_argument("--json", action="store_true")
 
 
 def run_probe(args: argparse.Namespace) -> int:
     import torch
 
+    from ..data import check_classes
     from ..recognition import accuracy, cached_features, few_shot, is_baseline, save_classifier, train_probe
 
     tr = cached_features(
@@ -94,8 +100,7 @@ def run_probe(args: argparse.Namespace) -> int:
     te = cached_features(
         args.model, data=args.data, split="test", pool=args.pool, data_dir=args.data_dir, limit=args.limit
     )
-    if tr["labels"].min() < 0:
-        raise MageError(f"{args.data} has no labels: probing needs a labelled dataset")
+    check_classes(args.data, tr["labels"], tr["classes"], "a probe")
     C = int(tr["labels"].max()) + 1
     if args.kind == "linear":
         head = train_probe(

@@ -7,7 +7,16 @@ import json
 import os
 
 from ..errors import MageError
-from .common import Command, add_data_args, add_training_args, image_files, training_config, workers
+from .common import (
+    OUT_ANY,
+    Command,
+    add_data_args,
+    add_training_args,
+    check_out,
+    image_files,
+    training_config,
+    workers,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,7 +80,7 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
 def add_reconstruct_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or original .ckpt/.pth")
     p.add_argument("--input", default=None, help="an image or a directory of images")
-    p.add_argument("--out", default=None, help="output image (single input) or directory")
+    p.add_argument("--out", type=OUT_ANY, default=None, help="output image (single input) or directory")
     p.add_argument("--side-by-side", action="store_true", help="write input and reconstruction together")
     add_data_args(p, required=False)
     p.add_argument("--split", default="test")
@@ -95,6 +104,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         tf = build_transform(tok.config.image_size, train=False, augment="none")
         files = image_files(args.input)
         single = os.path.isfile(args.input)
+        check_out(args.out, "file" if single else "dir")
         for f in files:
             x = tf(load_image(f))[None]
             with torch.no_grad():
