@@ -136,3 +136,39 @@ def test_cli_bad_config_and_embed_out_are_one_line(capsys, tmp_path):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("mage: error:") for line in lines), lines
     assert "multiple of the downsampling" in lines[0] and ".npz or .safetensors" in lines[1]
+
+
+def test_config_files_and_overrides_refuse_what_cannot_run(tmp_path):
+    """config.json with wrong-typed fields or bytes that are not UTF-8, --set with nan / inf or a seed past
+    63 bits: one-line MageErrors, not a TypeError or a crash later in torch.manual_seed."""
+    from mage.config import load_config
+
+    bad = {"wrong type": '{"type": "MAGEConfig", "embed_dim": "wide"}', "not a dict": "[1, 2]"}
+    for name, text in bad.items():
+        (tmp_path / f"{name}.json").write_text(text)
+        with pytest.raises(MageError, match="cannot read config"):
+            load_config(str(tmp_path / f"{name}.json"))
+    (tmp_path / "bytes.json").write_bytes(b'{"type": "MAGEConfig", "\xff\xfe": 1}')
+    with pytest.raises(MageError, match="cannot read config"):
+        load_config(str(tmp_path / "bytes.json"))
+    pair = (mage_preset("tiny"), pretrain_preset("tiny"))
+    for override in ("blr=nan", "max_minutes=inf", "seed=36893488147419103232", "seed=-1"):
+        with pytest.raises(MageError) as info:
+            apply_overrides(pair, [override])
+        assert "\n" not in str(info.value) and override.split("=")[0] in str(info.value)
+    assert apply_overrides(pair, ["seed=9223372036854775807"])[1].seed == 2**63 - 1
+
+
+def test_a_corrupt_classes_json_is_one_line(tmp_path):
+    from mage.checkpoint import save_checkpoint
+    from mage.model import MAGE
+    from mage.pipeline import MAGEPipeline
+    from mage.vqgan import VQTokenizer
+
+    save_checkpoint(str(tmp_path / "m"), MAGE(mage_preset("tiny")).state_dict(), mage_preset("tiny"))
+    save_checkpoint(str(tmp_path / "m" / "tokenizer"), VQTokenizer(tokenizer_preset("tiny")).state_dict(),
+                    tokenizer_preset("tiny"))  # fmt: skip
+    for text in ("{not json", '{"a": 1}', ""):
+        (tmp_path / "m" / "classes.json").write_text(text)
+        with pytest.raises(MageError, match="cannot read class names"):
+            MAGEPipeline.from_pretrained(str(tmp_path / "m"))

@@ -41,6 +41,7 @@ _WHY = {
     "mask_ratio_min": "0 <= mask_ratio_min <= mask_ratio_max <= 1",
     "mask_ratio_max": "0 <= mask_ratio_min <= mask_ratio_max <= 1",
     "dropout": "in [0, 1)",
+    "seed": "0 <= seed < 2**63",
     "drop_path": "in [0, 1)",
     "label_smoothing": "in [0, 1)",
     "layer_decay": "in (0, 1]",
@@ -61,6 +62,7 @@ def _recipe_checks(cfg: Any) -> list[tuple[str, bool]]:
         ("grad_clip", cfg.grad_clip >= 0),
         ("log_every", cfg.log_every >= 1),
         ("ckpt_every", cfg.ckpt_every >= 1),
+        ("seed", 0 <= cfg.seed < 2**63),
     ]
 
 
@@ -180,6 +182,7 @@ class TokenizerTraining:
                 ("log_every", self.log_every >= 1),
                 ("sample_every", self.sample_every >= 1),
                 ("ckpt_every", self.ckpt_every >= 1),
+                ("seed", 0 <= self.seed < 2**63),
             ]
             + [(f, getattr(self, f) >= 0) for f in (*weights, "perceptual_weight", "adversarial_weight")],
         )
@@ -540,7 +543,10 @@ def _coerce(value: str, typ: Any, name: str) -> Any:
             args = typing.get_args(typ)
             elem = args[0]
             return tuple(elem(v) for v in value.replace("(", "").replace(")", "").split(",") if v.strip())
-        return typ(value)
+        v = typ(value)
+        if typ is float and not math.isfinite(v):
+            raise ValueError(value)
+        return v
     except ValueError:
         raise MageError(
             f"bad value '{value}' for config field '{name}' (expected {getattr(typ, '__name__', typ)})"

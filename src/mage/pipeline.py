@@ -63,7 +63,7 @@ class MAGEPipeline:
         classes = None
         cpath = os.path.join(path, "classes.json")
         if os.path.isfile(cpath):
-            classes = json.load(open(cpath))
+            classes = _read_classes(cpath)
         return cls(
             model, stored(VQTokenizer.from_pretrained(tok_path, map_location=device)), classes, bf16=weights == "bf16"
         )
@@ -276,3 +276,15 @@ def outpaint(
         canvas[:, y : y + S, x : x + S] = torch.where(unk[None], gen, canvas[:, y : y + S, x : x + S])
         known[y : y + S, x : x + S] = True
     return canvas
+
+
+def _read_classes(path: str) -> list[str]:
+    """A run's classes.json: a list of class names, or a one-line MageError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            classes = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MageError(f"cannot read class names {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise MageError(f"cannot read class names {path}: expected a JSON list of names")
+    return classes
