@@ -28,7 +28,6 @@ import os
 import pickle
 import random
 import struct
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mage.errors import MageError
+from mage.files import atomic_write
 from mage.seeding import mix
 from mage.transforms import Transform, build_transform, check_augment, load_image, max_pixels
 
@@ -438,12 +438,9 @@ def _indexed_images(folder: Path) -> list[str]:
     files, dirs = _walk_images(folder)
     if dirs and max(dirs.values()) < started - _RACY_NS:
         index = {"version": _INDEX_VERSION, "folder": os.fsdecode(absolute), "dirs": dirs, "files": files}
-        try:  # temp file + os.replace: a reader sees the old index or the new one, never half of one
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(index, f)  # ensure_ascii: surrogate-escaped names round-trip
-            os.replace(tmp, path)
+        try:  # a reader sees the old index or the new one, never half of one
+            text = json.dumps(index)  # ensure_ascii: surrogate-escaped names round-trip
+            atomic_write(str(path), lambda tmp: Path(tmp).write_text(text))
         except OSError:
             pass  # a read-only cache only costs the next start a walk
     return files

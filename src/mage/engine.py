@@ -50,7 +50,7 @@ from .compiling import CompiledStep
 from .config import to_dict
 from .distributed import DistInfo, all_reduce_mean, barrier, max_over_ranks
 from .errors import MageError, UnsafeFileError
-from .files import atomic_write, atomic_write_json
+from .files import atomic_write, atomic_write_json, read_json
 
 # config fields a resumed run may change; any other difference from the run's saved config is refused
 RESUMABLE_CHANGES = ("max_minutes", "max_steps", "log_every", "ckpt_every", "sample_every")
@@ -70,13 +70,7 @@ def saved_run(out: str) -> tuple[Any, Any, dict[str, Any]] | None:
     if not steps:
         return None
     path = os.path.join(out, RUN_ARGS)
-    args = {}
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                args = json.load(f)
-        except (OSError, ValueError) as e:
-            raise MageError(f"cannot read {path}: {e}") from None
+    args = read_json(path, "the run's data flags") if os.path.isfile(path) else {}
     return load_config(os.path.join(steps[-1][1], CONFIG)), _recipe(steps[-1][1]), args
 
 

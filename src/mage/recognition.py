@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .engine import Task
 from .errors import MageError
-from .files import atomic_write_json, read_json
+from .files import atomic_write, atomic_write_json, read_json
 
 # --------------------------------------------------------------------------------------------------
 # features
@@ -191,10 +191,11 @@ def cached_features(
 
 
 def save_features(r: dict[str, Any], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, features=r["features"].numpy(), labels=r["labels"].numpy(), classes=json.dumps(r["classes"]))
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, features=r["features"].numpy(), labels=r["labels"].numpy(), classes=json.dumps(r["classes"]))
+
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,8 +426,8 @@ def save_classifier(
     from .checkpoint import resolve_checkpoint
 
     os.makedirs(out, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(out, "head.safetensors.tmp"))
-    os.replace(os.path.join(out, "head.safetensors.tmp"), os.path.join(out, "head.safetensors"))
+    weights = {k: v.contiguous() for k, v in head.state_dict().items()}
+    atomic_write(os.path.join(out, "head.safetensors"), lambda tmp: save_file(weights, tmp))
     meta = {
         "kind": "linear-probe",
         "model": os.path.abspath(model_dir),

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .checkpoint import resolve_checkpoint
 from .errors import MageError
+from .files import atomic_write
 from .vqgan import VQTokenizer
 
 
@@ -84,9 +85,7 @@ def check_cache_tokenizer(cache: "TokenCache | None", tok: VQTokenizer, tokenize
 
 
 def _save(tensors: dict[str, torch.Tensor], out: str, meta: dict[str, str] | None = None) -> None:
-    tmp = out + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, out)  # never a half-written file
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def cache_tokens(
