@@ -87,6 +87,78 @@ def test_inception_features_and_quantisation():
     assert not torch.allclose(f[0], f[1])
 
 
+def test_inception_fid_records_protocol(tmp_path):
+    from mage.evaluate import INCEPTION_SHA256, evaluate_fid, inception_path
+
+    try:
+        inception_path()
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("MAGE_REQUIRE_FIXTURES"):
+            raise
+        pytest.skip(str(e))
+    r = evaluate_fid(images="synthetic", data="synthetic", num=4, cache_dir=str(tmp_path), progress=False)
+    p = r["protocol"]
+    assert r["label"] == "FID" and np.isfinite(r["fid"])
+    assert p["resize"] == "tf1-bilinear" and p["quantisation"] == "uint8" and p["num"] == 4
+    assert INCEPTION_SHA256[:12] in p["network"] and p["input_size"] == 299
+    assert "TF1 bilinear resize (no half-pixel centres)" in r["preprocessing"]
+
+
+def _tf1_resize_bilinear_numpy(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Reference TF1 resize_bilinear(align_corners=False, half_pixel_centers=False) of [H, W] -> [out_h, out_w].
+    Source coordinates as TF computes them (float32 scale in/out, float32 i * scale); the interpolation in float64,
+    pixel by pixel."""
+    in_h, in_w = img.shape
+
+    def axis(in_size, out_size):
+        scale = np.float32(in_size) / np.float32(out_size)
+        out = []
+        for i in range(out_size):
+            src = np.float32(i) * scale
+            lo = int(np.floor(src))
+            hi = min(int(np.ceil(src)), in_size - 1)
+            out.append((lo, hi, float(src) - lo))
+        return out
+
+    res = np.empty((out_h, out_w), np.float64)
+    for i, (y0, y1, ly) in enumerate(axis(in_h, out_h)):
+        for j, (x0, x1, lx) in enumerate(axis(in_w, out_w)):
+            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * lx
+            bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * lx
+            res[i, j] = top + (bottom - top) * ly
+    return res
+
+
+def test_resize_tf1_bilinear_matches_numpy_reference():
+    """Tolerance: max abs error 1e-5 for images in [0, 1]; 1e-3 for uint8 levels 0..255 (float32 round-off is
+    ~1e-4 there; a wrong coordinate rule is off by whole levels)."""
+    from mage.evaluate import resize_tf1_bilinear
+
+    rng = np.random.default_rng(0)
+    cases = [((28, 28), (299, 299)), ((32, 32), (299, 299)), ((299, 299), (64, 64)), ((10, 7), (13, 19)),
+             ((9, 16), (4, 5)), ((5, 5), (5, 5))]  # fmt: skip
+    for (h, w), (oh, ow) in cases:
+        imgs = rng.random((1, 2, h, w))
+        for scale, tol in ((1.0, 1e-5), (255.0, 1e-3)):
+            x = imgs * scale if scale == 1.0 else np.round(imgs * scale)
+            got = resize_tf1_bilinear(torch.from_numpy(x).float(), (oh, ow))
+            assert got.shape == (1, 2, oh, ow) and got.dtype == torch.float32
+            ref = np.stack([[_tf1_resize_bilinear_numpy(x[b, c].astype(np.float32), oh, ow) for c in range(2)]
+                            for b in range(1)])  # fmt: skip
+            assert np.abs(got.double().numpy() - ref).max() < tol, ((h, w), (oh, ow), scale)
+    # a checkerboard (the worst case for any coordinate error), up and down
+    board = (np.indices((8, 8)).sum(0) % 2).astype(np.float32)
+    for oh, ow in ((299, 299), (5, 3), (12, 20)):
+        got = resize_tf1_bilinear(torch.from_numpy(board)[None, None], (oh, ow))[0, 0].double().numpy()
+        assert np.abs(got - _tf1_resize_bilinear_numpy(board, oh, ow)).max() < 1e-5
+    # not vacuous: PyTorch's half-pixel bilinear differs on the checkerboard; TF1 keeps the top-left pixel exact
+    tb = torch.from_numpy(board)[None, None]
+    ours = resize_tf1_bilinear(tb, (12, 12))
+    half_pixel = torch.nn.functional.interpolate(tb, size=(12, 12), mode="bilinear", align_corners=False)
+    assert (ours - half_pixel).abs().max() > 0.1
+    assert ours[0, 0, 0, 0] == board[0, 0]
+
+
 @pytest.fixture(scope="module")
 def judge_and_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
@@ -211,6 +283,7 @@ def test_agreement_and_fid_cli(judge_and_model, tmp_path):
     assert r.stdout.startswith("FID-like (judge)") and "20 samples" in r.stdout, r.stdout
     f = json.loads((tmp_path / "f.json").read_text())
     assert f["fid"] > 0 and f["generated"]["num"] == 20 and f["reference"]["num"] == 20
+    assert f["protocol"]["num"] == 20 and f["protocol"]["quantisation"] == "uint8"
     # the floor: real images against real images
     r = run_cli(
         "evaluate",

