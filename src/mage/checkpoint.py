@@ -135,33 +135,13 @@ def remove_tree(path: str) -> None:
 
 def refuse_overwrite(run_dir: str, resume: bool) -> None:
     """Starting a run afresh in a folder that holds one would lose it (its log is rewritten and, worse, its newer
-    checkpoints outlive the new run's in pruning): refuse unless resuming. Resuming a run whose checkpoints hold
-    a train state that only code could load is refused too (:func:`refuse_unsafe_states`)."""
-    if resume:
-        refuse_unsafe_states(run_dir)
+    checkpoints outlive the new run's in pruning): refuse unless resuming."""
     steps = [] if resume else step_dirs(run_dir)
     if steps:
         raise MageError(
             f"{run_dir} already holds a run (checkpoint at step {steps[-1][0]}): "
             f"pass --resume to continue it, or choose another --out"
         )
-
-
-def refuse_unsafe_states(run_dir: str) -> None:
-    """UnsafeFileError naming the global if any checkpoint of the run holds a ``train_state.pt`` that needs more
-    than tensors and plain types. (A corrupt one is left to the resume, which skips it with a warning; a file that
-    needs code is not corruption but a planted file, and must stop the run, not be skipped.) Only the pickle is
-    read: the tensors are memory-mapped, never loaded."""
-    for _, path in step_dirs(run_dir):
-        f = os.path.join(path, STATE)
-        if not os.path.isfile(f):
-            continue
-        try:
-            safe_torch_load(f, mmap=True)
-        except UnsafeFileError:
-            raise
-        except MageError:
-            pass  # unreadable: _newest_readable skips it with a warning naming it
 
 
 def save_step(
@@ -171,9 +151,13 @@ def save_step(
     config: Any,
     train_state: dict[str, Any] | None = None,
     keep_last: int = 2,
+    extra: dict[str, Any] | None = None,
 ) -> str:
-    """Save ``run_dir/checkpoints/step-{step}`` and prune all but the newest ``keep_last``."""
-    path = save_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{step:07d}"), weights, config, train_state)
+    """Save ``run_dir/checkpoints/step-{step}`` (``extra``: as :func:`save_checkpoint`) and prune all but the
+    newest ``keep_last``."""
+    path = save_checkpoint(
+        os.path.join(run_dir, "checkpoints", f"step-{step:07d}"), weights, config, train_state, extra
+    )
     for _, old in step_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
         remove_tree(old)
     return path
@@ -225,9 +209,7 @@ def _reason(e: Exception) -> str:
     return (text.strip() or type(e).__name__).splitlines()[0]
 
 
-def safe_torch_load(
-    path: str, map_location: str | torch.device = "cpu", allow: tuple[type, ...] = (), mmap: bool = False
-) -> Any:
+def safe_torch_load(path: str, map_location: str | torch.device = "cpu", allow: tuple[type, ...] = ()) -> Any:
     """``torch.load`` that never runs code: ``weights_only=True``, with only ``allow`` (e.g. argparse.Namespace)
     added to tensors and plain types. A file that needs another pickle global raises UnsafeFileError naming it;
     a missing or corrupt file a one-line MageError."""
@@ -237,7 +219,7 @@ def safe_torch_load(
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "Detected pickle protocol")  # the error, if any, says it all
-                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+                return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:
             found = _refused_globals(e, path)
             if not found:

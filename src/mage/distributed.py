@@ -29,6 +29,11 @@ class DistInfo:
     def enabled(self) -> bool:
         return self.world > 1
 
+    def rows(self, global_batch: int) -> slice:
+        """This rank's rows of something drawn for the whole global batch (masks, views): 1 rank == N ranks."""
+        b = global_batch // self.world
+        return slice(self.rank * b, (self.rank + 1) * b)
+
 
 def init_distributed() -> DistInfo:
     """Initialise the process group when launched by torchrun (env RANK / WORLD_SIZE), else a 1-rank setup."""

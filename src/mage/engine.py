@@ -42,8 +42,8 @@ from .checkpoint import (
     load_train_state,
     load_weights,
     refuse_overwrite,
-    remove_tree,
     save_checkpoint,
+    save_step,
     step_dirs,
 )
 from .compiling import CompiledStep
@@ -551,11 +551,7 @@ def _save(
             "task": task.state_dict(),
         }
         recipe = {RECIPE: to_dict(task.recipe)} if task.recipe is not None else None
-        path = save_checkpoint(
-            os.path.join(out, "checkpoints", f"step-{step:07d}"), weights, task.config, state, extra=recipe
-        )
-        for _, old in step_dirs(out)[: -s.keep_last] if s.keep_last > 0 else []:
-            remove_tree(old)
+        path = save_step(out, step, weights, task.config, state, s.keep_last, extra=recipe)
         if ema is not None:
             save_checkpoint(os.path.join(out, "ema"), ema.weights(task.model), task.config)
         task.on_checkpoint(out, step)

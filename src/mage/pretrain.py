@@ -92,8 +92,7 @@ class TokenSource:
     def __call__(self, start: int, end: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         from .loader import step_batches, step_rows
 
-        dev, b = self.info.device, self.B // self.info.world
-        rows = slice(self.info.rank * b, (self.info.rank + 1) * b)
+        dev, b, rows = self.info.device, self.B // self.info.world, self.info.rows(self.B)
         if self.cache is not None:
             V = self.cache.views.shape[1]
             for step in range(start, end):
@@ -165,8 +164,7 @@ class PretrainTask(Task):
         """Ratio and noise drawn for the whole global batch from (seed, step, view); this rank's rows."""
         B = self.recipe.batch_size
         drop, mask, _ = self.model.sample_masks(B, seeding.generator(self.recipe.seed, seeding.MASKS + view, step))
-        b = B // self.info.world
-        rows = slice(self.info.rank * b, (self.info.rank + 1) * b)
+        rows = self.info.rows(B)
         return drop[rows], mask[rows]
 
     def loss(self, net, batch, step):
