@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mage-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo lint test test-all clean
+.PHONY: setup data browser demo lint test test-all clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ data:
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install -y dataset-fashion-mnist'"; exit 2; fi; \
 	fi
 
+# headless Chromium for the studio's browser tests (the OS package: Playwright never downloads a browser);
+# without it those tests skip, unless MAGE_REQUIRE_BROWSER=1
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "Chromium missing: the browser tests will skip ('sudo apt-get install -y chromium' to run them)"; fi; \
+	fi
+
 demo: setup data
 	$(VENV)/bin/mage demo
 
@@ -31,10 +39,10 @@ lint: setup
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 
-test: setup data lint
+test: setup data browser lint
 	$(PY) -m pytest -q tests
 
-test-all: setup data lint
+test-all: setup data browser lint
 	$(PY) -m pytest -q -m "" tests
 
 clean:

@@ -2,7 +2,7 @@
 # Issue #5 in one device call (a call is at most 10 minutes): MAGE-C on 8x8 tokens (for the 10-shot goal) and on
 # 16x16 tokens (for the linear goal: through 8x8 tokens even a supervised CNN stays near 90%) side by side on one
 # GPU, each on a crop cache built there; then both probed (linear + few-shot, mean-pooled and flat). No fine-tuning
-# (measured on the GPU in session 6). Timeline: caches ~1-1.5 min, PM minutes of pre-training (compiling included),
+# (measured on an H200, 2026-11-27). Timeline: caches ~1-1.5 min, PM minutes of pre-training (compiling included),
 # probes ~2 min.
 #   here:    bash scripts/gpu_pack.sh runs/tok16x16 runs/gpu16 runs/gpu/tok      # carry ["runs/gpu16"] (34 MB)
 #   device:  PACK=$OUT bash scripts/gpu_hedge.sh

@@ -21,6 +21,7 @@ NAMES = [
     "bench",
     "evaluate",
     "demo",
+    "studio",
 ]
 
 

@@ -327,3 +327,31 @@ def test_evaluate_bad_inputs(judge_and_model, tmp_path):
         f"judge:{judge}",
     )
     assert r.returncode == 2 and "differs from the model's resolution" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rfid_through_tokenizer_and_features_only_reference(judge_and_model, tmp_path):
+    """--through-tokenizer scores the reconstructions of real images (a random tokenizer's are far from them),
+    and a reference .npz holding only features (float16, as the release ships it) gives the same FID."""
+    from mage.evaluate import evaluate_fid
+
+    judge, model, _ = judge_and_model
+    kw = dict(data="synthetic", num=60, images="synthetic", features=f"judge:{judge}", image_size=16, progress=False)
+    floor = evaluate_fid(**kw)
+    rfid = evaluate_fid(**kw, through_tokenizer=str(model / "tokenizer"))
+    assert rfid["generated"]["through_tokenizer"].endswith("tokenizer") and "(rFID)" in _line(rfid)
+    assert rfid["fid"] > floor["fid"] + 1.0, (rfid["fid"], floor["fid"])
+    from mage.evaluate import feature_network, reference_stats
+
+    feats = reference_stats(feature_network(f"judge:{judge}"), "synthetic", "test", 60, 16)["features"]  # cached
+    path = tmp_path / "ref.npz"
+    np.savez(path, features=np.asarray(feats, np.float16))
+    again = evaluate_fid(**kw, ref_stats=str(path))
+    assert abs(again["fid"] - floor["fid"]) < 1e-2 * max(1.0, floor["fid"]), (again["fid"], floor["fid"])
+    with pytest.raises(Exception, match="--through-tokenizer goes with --images"):
+        evaluate_fid(model=str(model), data="synthetic", num=4, through_tokenizer=str(model / "tokenizer"))
+
+
+def _line(r):
+    from mage.evaluate import fid_line
+
+    return fid_line(r)

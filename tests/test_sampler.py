@@ -167,3 +167,21 @@ def test_generate_cli(tmp_path):
     for bad in (["--class", "dragon"], ["--steps", "0"], ["--class", "9"], ["--weights", "fp16"]):
         r = run_cli("generate", "--model", str(tmp_path / "m"), "--num", "2", *bad, "--out", str(tmp_path / "x.png"))
         assert r.returncode == 2 and r.stderr.startswith("mage: error:"), (bad, r.stderr)
+
+
+def test_model_sampler_fills_flags_left_out(tmp_path):
+    """A model folder's sampler.json is the default of every sampler flag not given; a bad one is one line."""
+    import argparse
+    import json
+
+    from mage.commands.common import add_sampler_args, sampler_config
+
+    p = argparse.ArgumentParser()
+    add_sampler_args(p)
+    (tmp_path / "sampler.json").write_text(json.dumps({"steps": 8, "choice_temperature": 3.0, "cfg": 4.0}))
+    s = sampler_config(p.parse_args(["--cfg", "1"]), str(tmp_path))
+    assert (s.steps, s.choice_temperature, s.cfg, s.temperature) == (8, 3.0, 1.0, 1.0)
+    assert sampler_config(p.parse_args([]), None).steps == 20  # no model: the original's settings
+    (tmp_path / "sampler.json").write_text(json.dumps({"stepz": 8}))
+    with pytest.raises(MageError, match="cannot read .*sampler.json"):
+        sampler_config(p.parse_args([]), str(tmp_path))

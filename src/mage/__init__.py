@@ -5,7 +5,7 @@ One model, trained once by masked token modeling, both generates and recognizes 
     import mage
     tok = mage.VQTokenizer.from_pretrained("runs/tok")       # images <-> token ids
     model = mage.MAGE.from_pretrained("runs/mage")           # masked token modeling encoder-decoder
-    pipe = mage.MAGEPipeline.from_pretrained("runs/mage")    # model + its tokenizer
+    pipe = mage.MAGEPipeline.from_pretrained("runs/mage")    # model + its tokenizer ("fashion-mnist": the release)
     images = pipe.generate(16, class_label="Bag")            # [16, 3, H, W] in [0, 1]
     filled = mage.inpaint(pipe, image, box_mask)             # / mage.outpaint(pipe, image, left=8, right=8)
 """
@@ -27,6 +27,7 @@ _LAZY = {
     "MAGEPipeline": "pipeline",
     "inpaint": "pipeline",
     "outpaint": "pipeline",
+    "Classifier": "recognition",
 }
 
 

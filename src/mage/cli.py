@@ -63,6 +63,27 @@ def os_error_line(e: OSError) -> str:
     return f"{verb} {path or repr(path)}: {reason}"
 
 
+# flags that name a model folder, and the part of a release (``--model fashion-mnist``) each one means
+_RELEASE_FLAGS = {
+    "model": "mage",
+    "init": "mage",
+    "agreement": "mage",
+    "tokenizer": "tokenizer",
+    "classifier": "classifier",
+    "judge": "judge",
+}
+
+
+def resolve_releases(args: argparse.Namespace) -> None:
+    """Replace a release name given to a model flag by its folder (:mod:`mage.released`), for every command."""
+    from .released import resolve
+
+    for flag, part in _RELEASE_FLAGS.items():
+        value = getattr(args, flag, None)
+        if isinstance(value, str):
+            setattr(args, flag, resolve(value, part))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        resolve_releases(args)
         return RUN[args.cmd](args) or 0
     except MageError as e:
         print(f"mage: error: {e}", file=sys.stderr)

@@ -474,7 +474,8 @@ FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
     # minutes, not epochs, on 2 CPU cores (~1 epoch in 10 min): a short warm-up and a bolder lr than the
     # original (blr 1e-3 with 0.5 epochs of warm-up spent 215 of the 296 steps of an 8-minute run warming up)
     # bf16 where the CPU has it (fp32 elsewhere): 400 steps from the same model in 52 vs 91 s on AMX, test top-1
-    # 63.61 vs 63.67% (session 11; the preset was fp32 while bf16 only ran emulated, on the first machines)
+    # 63.61 vs 63.67% (Intel Xeon with AMX, 2026-11-29; the preset was fp32 while bf16 only ran emulated, on the
+    # first machines)
     "fmnist-32": FinetuneConfig(
         batch_size=64, blr=4e-3, layer_decay=0.75, epochs=10, warmup_epochs=0.05, max_minutes=10.0, ckpt_every=200
     ),

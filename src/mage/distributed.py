@@ -7,11 +7,15 @@ The global batch is fixed and split across ranks; rank 0 logs and saves.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+from .errors import MageError
 
 
 @dataclass
@@ -36,10 +40,18 @@ class DistInfo:
 
 
 def init_distributed() -> DistInfo:
-    """Initialise the process group when launched by torchrun (env RANK / WORLD_SIZE), else a 1-rank setup."""
+    """Initialise the process group when launched by torchrun (env RANK / WORLD_SIZE), else a 1-rank setup.
+
+    Each rank's device is ``cuda:LOCAL_RANK`` (made the current CUDA device, so that anything built on plain
+    "cuda" lands there too), or the CPU when there is no GPU. Call it before building models."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda and local >= torch.cuda.device_count():
+        raise MageError(
+            f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; "
+            "start at most that many processes per node (torchrun --nproc_per_node)"
+        )
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -95,3 +107,35 @@ def max_over_ranks(value: float, info: DistInfo) -> float:
     t = torch.tensor(float(value))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
+
+
+def broadcast_object(value: Any, info: DistInfo) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank: one decision all ranks follow."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank."""
+    if not info.enabled:
+        return [value]
+    parts: list[Any] = [None] * info.world
+    dist.all_gather_object(parts, value)
+    return parts
+
+
+@contextlib.contextmanager
+def main_first(info: DistInfo) -> Iterator[None]:
+    """Rank 0 runs the block before the other ranks start it, so what rank 0 writes there (a cache, a result
+    file) is complete when the others read it. Rank 0 reaches the barrier even when its block raises: the
+    others then run the block themselves and fail the same way instead of waiting for the timeout."""
+    if not info.is_main:
+        barrier(info)
+    try:
+        yield
+    finally:
+        if info.is_main:
+            barrier(info)

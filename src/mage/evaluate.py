@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import seeding
-from .distributed import DistInfo
+from .distributed import DistInfo, broadcast_object, gather_objects, init_distributed, main_first
 from .engine import LoopSettings, Task, fit
 from .errors import MageError
 from .files import atomic_write
@@ -211,6 +211,45 @@ def compute_features(
     return np.concatenate(out) if out else np.zeros((0, 1))
 
 
+def chunk_windows(num: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, count)`` of each chunk of ``batch_size`` items (the last one shorter) of ``num`` items."""
+    return [(s, min(batch_size, num - s)) for s in range(0, num, batch_size)]
+
+
+@torch.no_grad()
+def sharded_features(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    chunks: list[tuple[int, int]],
+    images: Callable[[int, int, int], torch.Tensor],
+    info: DistInfo | None = None,
+    desc: str = "features",
+    progress: bool = True,
+) -> np.ndarray:
+    """Features [N, D] (float64) of ``images(c, start, count)`` for every chunk ``c`` of ``chunks``, in chunk
+    order. Chunk c is computed by rank c % world and the features are gathered on all ranks, so the result is
+    the same for any number of ranks (each chunk is computed alone, exactly as one rank would)."""
+    info = info or DistInfo()
+    mine = range(info.rank, len(chunks), info.world)
+    local: dict[int, np.ndarray] = {}
+    with tqdm(
+        total=sum(chunks[c][1] for c in mine),
+        desc=desc,
+        disable=not progress or not info.is_main,
+        leave=False,
+        unit="img",
+    ) as bar:
+        for c in mine:
+            x = images(c, *chunks[c])
+            # sent in the network's own dtype (float32: half the bytes); float64 after, the same values
+            local[c] = net(x).cpu().numpy()
+            bar.update(x.shape[0])
+    for part in gather_objects(local, info):
+        local.update(part)
+    if not chunks:
+        return np.zeros((0, 1))
+    return np.concatenate([local[c] for c in range(len(chunks))]).astype(np.float64)
+
+
 # --------------------------------------------------------------------------------------------------
 # the statistics
 # --------------------------------------------------------------------------------------------------
@@ -258,11 +297,15 @@ def kernel_inception_distance(
     return float(np.mean(vals)), float(np.std(vals))
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
-    """Improved precision/recall: the share of fake samples inside the real k-NN manifold, and vice versa."""
+def precision_recall(
+    real: np.ndarray, fake: np.ndarray, k: int = 3, device: torch.device | str = "cpu"
+) -> tuple[float, float]:
+    """Improved precision/recall: the share of fake samples inside the real k-NN manifold, and vice versa.
+    ``device``: where the distances are computed (50k x 50k of them: seconds on a GPU, many minutes on one
+    CPU thread, which is what each torchrun rank gets by default)."""
 
     def radii(x: torch.Tensor) -> torch.Tensor:
-        r = torch.empty(x.shape[0], dtype=x.dtype)
+        r = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
         for s in range(0, x.shape[0], 1024):
             d = torch.cdist(x[s : s + 1024], x)
             r[s : s + 1024] = d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
@@ -276,17 +319,19 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
 
     if real.shape[0] <= k or fake.shape[0] <= k:
         return float("nan"), float("nan")
-    rt, ft = torch.from_numpy(np.asarray(real, np.float32)), torch.from_numpy(np.asarray(fake, np.float32))
+    rt = torch.from_numpy(np.asarray(real, np.float32)).to(device)
+    ft = torch.from_numpy(np.asarray(fake, np.float32)).to(device)
     return inside(ft, rt, radii(rt)), inside(rt, ft, radii(ft))
 
 
-def compare(ref: dict[str, Any], feats: np.ndarray) -> dict[str, float]:
-    """All scores of generated features against a reference (features or only mu/sigma)."""
+def compare(ref: dict[str, Any], feats: np.ndarray, device: torch.device | str = "cpu") -> dict[str, float]:
+    """All scores of generated features against a reference (features or only mu/sigma); ``device``: where
+    precision/recall computes its distances."""
     mu, sigma = gaussian_stats(feats)
     out = {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
     if ref.get("features") is not None:
         out["kid"], out["kid_std"] = kernel_inception_distance(ref["features"], feats)
-        out["precision"], out["recall"] = precision_recall(ref["features"], feats)
+        out["precision"], out["recall"] = precision_recall(ref["features"], feats, device=device)
     return out
 
 
@@ -295,11 +340,6 @@ def compare(ref: dict[str, Any], feats: np.ndarray) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 def default_cache_dir() -> str:
     return os.environ.get("MAGE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mage"))
-
-
-def _dataset_batches(ds, indices: list[int], batch_size: int):
-    for s in range(0, len(indices), batch_size):
-        yield torch.stack([ds[i][0] for i in indices[s : s + batch_size]])
 
 
 def _subset(n_total: int, num: int | None, seed: int = 0) -> list[int]:
@@ -318,13 +358,25 @@ def dataset_features(
     data_dir: str | None = None,
     batch_size: int = 50,
     progress: bool = True,
+    info: DistInfo | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Features of ``num`` images of a dataset split (a fixed seeded subset) and the protocol record."""
+    """Features of ``num`` images of a dataset split (a fixed seeded subset) and the protocol record. Under
+    torchrun the chunks of ``batch_size`` images are shared over the ranks (:func:`sharded_features`).
+    ``transform``: applied to each chunk of images [B,3,S,S] first (e.g. a tokenizer's encode -> decode)."""
     from .data import load_dataset
 
-    ds = load_dataset(data, split, image_size, "none", data_dir, 0, None)
+    info = info or init_distributed()
+    with main_first(info):  # a folder's file index is cached by rank 0; the other ranks read it
+        ds = load_dataset(data, split, image_size, "none", data_dir, 0, None)
     idx = _subset(len(ds), num)
-    feats = compute_features(net, _dataset_batches(ds, idx, batch_size), len(idx), f"features {data}:{split}", progress)
+
+    def images(c: int, start: int, count: int) -> torch.Tensor:
+        x = torch.stack([ds[i][0] for i in idx[start : start + count]])
+        return x if transform is None else transform(x)
+
+    chunks = chunk_windows(len(idx), batch_size)
+    feats = sharded_features(net, chunks, images, info, f"features {data}:{split}", progress)
     return feats, {"data": data, "split": split, "num": len(idx), "image_size": image_size}
 
 
@@ -337,8 +389,12 @@ def reference_stats(
     data_dir: str | None = None,
     cache_dir: str | None = None,
     progress: bool = True,
+    batch_size: int = 50,
+    info: DistInfo | None = None,
 ) -> dict[str, Any]:
-    """mu, sigma and features of a dataset split; computed once and cached as .npz (protocol recorded)."""
+    """mu, sigma and features of a dataset split; computed once and cached as .npz (protocol recorded).
+    Under torchrun the images are shared over the ranks and only rank 0 writes the cache."""
+    info = info or init_distributed()
     cache_dir = cache_dir or default_cache_dir()
     key = json.dumps(
         {
@@ -353,7 +409,8 @@ def reference_stats(
         sort_keys=True,
     )
     path = os.path.join(cache_dir, "fid-stats", hashlib.sha1(key.encode()).hexdigest()[:16] + ".npz")
-    if os.path.isfile(path):
+    # rank 0 decides for all: computing is collective, so every rank must take the same branch
+    if broadcast_object(os.path.isfile(path), info):
         z = np.load(path, allow_pickle=False)
         return {
             "mu": z["mu"],
@@ -362,7 +419,7 @@ def reference_stats(
             "protocol": json.loads(str(z["protocol"])),
             "cache": path,
         }
-    feats, proto = dataset_features(net, data, split, num, image_size, data_dir, progress=progress)
+    feats, proto = dataset_features(net, data, split, num, image_size, data_dir, batch_size, progress, info)
     proto["feature_network"] = net.name
     mu, sigma = gaussian_stats(feats)
 
@@ -370,34 +427,60 @@ def reference_stats(
         with open(tmp, "wb") as f:
             np.savez(f, mu=mu, sigma=sigma, features=feats.astype(np.float32), protocol=json.dumps(proto))
 
-    atomic_write(path, write)
+    with main_first(info):
+        if info.is_main:
+            atomic_write(path, write)
     return {"mu": mu, "sigma": sigma, "features": feats, "protocol": proto, "cache": path}
 
 
 def load_stats_file(path: str) -> dict[str, Any]:
-    """Precomputed reference statistics: an .npz with mu and sigma (e.g. the ADM ImageNet 256 reference batch)."""
+    """Precomputed reference statistics: an .npz with mu and sigma (e.g. the ADM ImageNet 256 reference batch), or
+    with the features alone (N x D; mu and sigma are computed from them).
+    The protocol records the sha256 of mu and sigma (float64 bytes), which names the statistics themselves."""
     if not os.path.isfile(path):
         raise MageError(f"reference statistics {path} not found")
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
         raise MageError(f"{path} is not a readable .npz ({type(e).__name__})") from None
-    if "mu" not in z.files or "sigma" not in z.files:
-        raise MageError(f"{path} has no 'mu' and 'sigma' arrays (it has: {', '.join(z.files)})")
-    feats = z["features"] if "features" in z.files else None
+    feats = np.asarray(z["features"], np.float64) if "features" in z.files else None
+    if "mu" in z.files and "sigma" in z.files:
+        mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+    elif feats is not None and feats.ndim == 2 and feats.shape[0] >= 2:  # features only (the released reference)
+        mu, sigma = gaussian_stats(feats)
+    else:
+        raise MageError(f"{path} has no 'mu' and 'sigma' arrays, nor 'features' (it has: {', '.join(z.files)})")
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise MageError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a D vector and a D x D matrix")
+    digest = hashlib.sha256(np.ascontiguousarray(mu).tobytes() + np.ascontiguousarray(sigma).tobytes())
     return {
-        "mu": z["mu"],
-        "sigma": z["sigma"],
+        "mu": mu,
+        "sigma": sigma,
         "features": feats,
-        "protocol": {"stats_file": os.path.abspath(path), "num": int(feats.shape[0]) if feats is not None else None},
+        "protocol": {
+            "stats_file": os.path.abspath(path),
+            "num": int(feats.shape[0]) if feats is not None else None,
+            "mu_sigma_sha256": digest.hexdigest(),
+        },
     }
 
 
-def folder_stats(net, folder: str, image_size: int, num: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Reference statistics of a folder of images (e.g. ImageNet val saved as PNG, resized 256 + center crop)."""
+def folder_stats(
+    net,
+    folder: str,
+    image_size: int,
+    num: int | None = None,
+    progress: bool = True,
+    batch_size: int = 50,
+    info: DistInfo | None = None,
+) -> dict[str, Any]:
+    """Reference statistics of a folder of images (e.g. ImageNet val saved as PNG, resized 256 + center crop);
+    under torchrun the images are shared over the ranks."""
     if not os.path.isdir(folder):
         raise MageError(f"reference folder {folder} not found")
-    feats, proto = dataset_features(net, f"folder:{folder}", "all", num, image_size, progress=progress)
+    feats, proto = dataset_features(
+        net, f"folder:{folder}", "all", num, image_size, batch_size=batch_size, progress=progress, info=info
+    )
     mu, sigma = gaussian_stats(feats)
     return {"mu": mu, "sigma": sigma, "features": feats, "protocol": proto}
 
@@ -414,39 +497,21 @@ def generated_features(
     class_conditional: bool = False,
     batch_size: int = 50,
     progress: bool = True,
+    info: DistInfo | None = None,
 ) -> np.ndarray:
     """Features of ``num`` generated images. Chunk c (of ``batch_size``) uses seed + c and goes to rank
     c % world, so the set of images is the same for any number of ranks; features are gathered on all ranks.
     Class-conditional: labels cycle through the classes (balanced)."""
-    from .distributed import init_distributed
-
-    info = init_distributed()
+    info = info or init_distributed()
     C = pipe.model.config.num_classes
     if class_conditional and C == 0:
         raise MageError("--class-conditional needs a class-conditional model (mage pretrain --class-conditional)")
-    chunks = [(c, s, min(batch_size, num - s)) for c, s in enumerate(range(0, num, batch_size))]
-    mine = [ch for ch in chunks if ch[0] % info.world == info.rank]
-    local: dict[int, np.ndarray] = {}
-    with tqdm(
-        total=sum(n for _, _, n in mine),
-        desc="generate + features",
-        disable=not progress or not info.is_main,
-        leave=False,
-        unit="img",
-    ) as bar:
-        for c, s, n in mine:
-            labels = (torch.arange(s, s + n) % C) if class_conditional else None
-            tokens = pipe.generate_tokens(n, labels, sampler, seed + c, n)
-            local[c] = net(pipe.decode(tokens)).double().cpu().numpy()
-            bar.update(n)
-    if info.enabled:
-        import torch.distributed as dist
 
-        parts: list[dict[int, np.ndarray]] = [None] * info.world  # type: ignore[list-item]
-        dist.all_gather_object(parts, local)
-        for p in parts:
-            local.update(p)
-    return np.concatenate([local[c] for c, _, _ in chunks])
+    def images(c: int, start: int, count: int) -> torch.Tensor:
+        labels = (torch.arange(start, start + count) % C) if class_conditional else None
+        return pipe.decode(pipe.generate_tokens(count, labels, sampler, seed + c, count))
+
+    return sharded_features(net, chunk_windows(num, batch_size), images, info, "generate + features", progress)
 
 
 def evaluate_fid(
@@ -469,31 +534,41 @@ def evaluate_fid(
     progress: bool = True,
     image_size: int | None = None,
     weights: str = "fp32",
+    through_tokenizer: str | None = None,
 ) -> dict[str, Any]:
     """FID (+ KID, precision/recall) of a model's samples, or of real ``images`` (the floor), against a reference.
-    ``weights``: how the model samples (:meth:`MAGEPipeline.from_pretrained`).
+    ``weights``: how the model samples (:meth:`MAGEPipeline.from_pretrained`). ``through_tokenizer`` (with
+    ``images``): score the tokenizer's reconstructions (encode -> decode) of the images: the reconstruction FID
+    (rFID), the floor of any generator on those tokens.
 
     Reference: ``ref_stats`` (.npz mu/sigma), else ``ref_dir`` (folder of images), else ``data``'s ``ref_split``
     (``ref_num`` images, default ``num``; cached). Real sets are read at ``image_size`` (default: the model's
     resolution; 32 for the MNISTs, else the judge's input size or 32).
+
+    Under torchrun every rank works on its own device (``cuda:LOCAL_RANK``, or the CPU), takes every
+    world-th chunk of ``batch_size`` images (generated and reference), and gets all features back; every
+    rank then computes the same scores and returns the same result. Only rank 0 writes (the reference cache).
     """
     from .sampler import SamplerConfig
 
     if (model is None) == (images is None):
         raise MageError("give exactly one of --model (generated images) or --images (a real image set)")
+    if through_tokenizer and images is None:
+        raise MageError("--through-tokenizer goes with --images (reconstructions of real images)")
     if num < 2:
         raise MageError("--num must be >= 2")
     if not (ref_stats or ref_dir or data):
         raise MageError("no reference: give --data D (its --ref-split), --ref-stats FILE.npz or --ref-dir FOLDER")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # the device first: the pipeline and the feature network are built on this rank's own device
+    info = init_distributed()
+    device = info.device
     net = feature_network(features, device)
     t0 = time.time()
-    sampler = sampler or SamplerConfig()
     pipe = None
     if model is not None:
         from .pipeline import MAGEPipeline
 
-        pipe = MAGEPipeline.from_pretrained(model, weights=weights)
+        pipe = MAGEPipeline.from_pretrained(model, device=device, weights=weights)
         if image_size not in (None, pipe.tokenizer.config.image_size):
             raise MageError(
                 f"--image-size {image_size} differs from the model's resolution "
@@ -505,15 +580,24 @@ def evaluate_fid(
         image_size = _image_size_of(images, image_size)
     elif image_size < 8:
         raise MageError(f"--image-size must be >= 8 (got {image_size})")
+    sampler = sampler or (pipe.sampler if pipe is not None else SamplerConfig())
     if ref_stats:
         ref = load_stats_file(ref_stats)
+        if ref["mu"].shape[0] != net.dim:
+            raise MageError(
+                f"{ref_stats} holds {ref['mu'].shape[0]}-d statistics but --features {features} gives "
+                f"{net.dim}-d features: use the feature network the statistics were computed with"
+            )
     elif ref_dir:
-        ref = folder_stats(net, ref_dir, image_size, ref_num, progress)
+        ref = folder_stats(net, ref_dir, image_size, ref_num, progress, batch_size, info)
     else:
-        ref = reference_stats(net, data, ref_split, ref_num or num, image_size, data_dir, cache_dir, progress)
+        ref = reference_stats(
+            net, data, ref_split, ref_num or num, image_size, data_dir, cache_dir, progress, batch_size, info
+        )
     t_ref = time.time() - t0
+    chunks = len(chunk_windows(num, batch_size))
     if pipe is not None:
-        feats = generated_features(pipe, net, num, sampler, seed, class_conditional, batch_size, progress)
+        feats = generated_features(pipe, net, num, sampler, seed, class_conditional, batch_size, progress, info)
         source = {
             "model": os.path.abspath(model),
             "num": num,
@@ -528,10 +612,31 @@ def evaluate_fid(
                 "cfg_schedule": sampler.cfg_schedule,
             },
         }
+        seeds = f"{seed}..{seed + chunks - 1} (chunk c of {batch_size} samples: seed + c)"
     else:
-        feats, source = dataset_features(net, images, images_split, num, image_size, data_dir, batch_size, progress)
+        transform = None
+        if through_tokenizer:
+            from .vqgan import VQTokenizer
+
+            tok = VQTokenizer.from_pretrained(through_tokenizer, map_location=device).eval()
+            if tok.config.image_size != image_size:
+                raise MageError(
+                    f"the tokenizer works at {tok.config.image_size} px, the images are read at {image_size}: "
+                    f"give --image-size {tok.config.image_size}"
+                )
+
+            def transform(x: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    return tok.decode(tok.encode(x.to(device))).clamp(0, 1)
+
+        feats, source = dataset_features(
+            net, images, images_split, num, image_size, data_dir, batch_size, progress, info, transform
+        )
         source = {"images": images, **source}
-    scores = compare(ref, feats)
+        if through_tokenizer:
+            source["through_tokenizer"] = os.path.abspath(through_tokenizer)
+        seeds = "none: real images (a fixed seeded subset)"
+    scores = compare(ref, feats, device)
     inception = isinstance(net, InceptionFeatures)
     protocol = {
         "network": f"{net.name}, sha256 {INCEPTION_SHA256[:12]}" if inception else net.name,
@@ -542,7 +647,13 @@ def evaluate_fid(
         "features": "pool3, 2048-d" if inception else f"judge penultimate, {net.dim}-d",
         "num": int(feats.shape[0]),
         "ref_num": ref["protocol"].get("num"),
+        "reference": _reference_text(ref["protocol"]),
         "image_size": image_size,
+        "seeds": seeds,
+        "batch_size": batch_size,
+        "world_size": info.world,
+        "sharding": f"{chunks} chunks of {batch_size} images, chunk c on rank c % world_size; "
+        "features gathered in chunk order (the same images and features for any world size)",
     }
     return {
         **scores,
@@ -565,9 +676,17 @@ def _image_size_of(spec: str, default: int) -> int:
     return 32 if spec in ("fashion-mnist", "mnist") else default
 
 
+def _reference_text(ref: dict[str, Any]) -> str:
+    """The reference set in words: a dataset split, a folder, or a statistics file (with its mu/sigma hash)."""
+    if "stats_file" in ref:
+        digest = ref.get("mu_sigma_sha256")
+        return f"stats {ref['stats_file']}" + (f" (mu/sigma sha256 {digest[:12]})" if digest else "")
+    return f"{ref.get('num')} images of {ref['data']}:{ref['split']}"
+
+
 def fid_line(r: dict[str, Any]) -> str:
-    """One line naming the protocol."""
-    g, ref = r["generated"], r["reference"]
+    """One line naming the protocol: samples and sampler, reference, seeds, world size, network and resize."""
+    g, p = r["generated"], r["protocol"]
     what = (
         f"{g['num']} samples of {g['model']}"
         + (
@@ -579,16 +698,20 @@ def fid_line(r: dict[str, Any]) -> str:
         )
         if "model" in g
         else f"{g['num']} real images of {g['images']}:{g['split']}"
-    )
-    refd = (
-        f"{ref.get('num')} images of {ref['data']}:{ref['split']}"
-        if "data" in ref
-        else f"stats {ref.get('stats_file')}"
+        + (f" through the tokenizer {g['through_tokenizer']} (rFID)" if g.get("through_tokenizer") else "")
     )
     extra = ""
     if "kid" in r:
         extra = f", KID {r['kid']:.5f} +- {r['kid_std']:.5f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}"
-    return f"{r['label']} {r['fid']:.2f}{extra} | {what} vs {refd} | features: {r['feature_network']}"
+    run = ", ".join(
+        ([f"seeds {p['seeds']}"] if "model" in g and "seeds" in p else [])
+        + ([f"world size {p['world_size']}"] if "world_size" in p else [])
+    )
+    return (
+        f"{r['label']} {r['fid']:.2f}{extra} | {what} vs {_reference_text(r['reference'])}"
+        + (f" | {run}" if run else "")
+        + f" | features: {p.get('network', r['feature_network'])}, {p.get('resize')} to {p.get('input_size')}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -726,6 +849,9 @@ def train_judge(
 
 
 def load_judge(path: str, device: torch.device | str = "cpu") -> tuple[Judge, dict[str, Any]]:
+    from .released import resolve
+
+    path = resolve(path, "judge")
     mpath, wpath = os.path.join(path, "judge.json"), os.path.join(path, "judge.safetensors")
     if not (os.path.isfile(mpath) and os.path.isfile(wpath)):
         raise MageError(f"no judge at {path}: train one with 'mage evaluate train-judge --data D --out {path}'")
@@ -755,10 +881,9 @@ def class_agreement(
 ) -> dict[str, Any]:
     """Share of class-conditional samples (per_class of every class) that the judge assigns to the intended class."""
     from .pipeline import MAGEPipeline
-    from .sampler import SamplerConfig
 
-    sampler = sampler or SamplerConfig()
     pipe = MAGEPipeline.from_pretrained(model, weights=weights)
+    sampler = sampler or pipe.sampler
     net, meta = load_judge(judge, pipe.device)
     C = pipe.model.config.num_classes
     if C == 0:

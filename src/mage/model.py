@@ -339,7 +339,9 @@ class MAGE(nn.Module):
         MageError asks for them (:func:`mage.official.resolve_heads`). The file is read without running code."""
         from .checkpoint import load_checkpoint, load_strict, torch_load_official
         from .official import convert_official_mage
+        from .released import resolve
 
+        path = resolve(path, "mage")
         if os.path.isdir(path):
             weights, cfg, where = load_checkpoint(path)
             if not isinstance(cfg, MAGEConfig):

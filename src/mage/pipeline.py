@@ -15,7 +15,7 @@ from . import fastpath
 from .errors import MageError
 from .model import MAGE
 from .precision import autocast, bf16_supported
-from .sampler import SamplerConfig, decode_tokens
+from .sampler import SamplerConfig, decode_tokens, model_sampler
 from .vqgan import VQTokenizer
 
 
@@ -30,6 +30,7 @@ class MAGEPipeline:
         ):
             raise MageError("tokenizer and model do not fit (codebook size or token count differ)")
         self.model, self.tokenizer, self.classes = model.eval(), tokenizer.eval(), classes
+        self.sampler = SamplerConfig()  # what sampling uses when no sampler is given (from_pretrained: the model's)
         fastpath.apply(model, self.device, training=False)
         self.bf16 = bf16 and bf16_supported(self.device.type)
         if self.bf16:
@@ -53,6 +54,9 @@ class MAGEPipeline:
         if weights not in ("fp32", "bf16"):
             raise MageError(f"unknown weights dtype '{weights}' (fp32 | bf16)")
         from .precision import store_weights_bf16
+        from .released import resolve
+
+        path, tokenizer = resolve(path, "mage"), tokenizer and resolve(tokenizer, "tokenizer")
 
         stored = store_weights_bf16 if weights == "bf16" else (lambda m: m)  # per model: fp32 copies never coexist
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,9 +68,11 @@ class MAGEPipeline:
         cpath = os.path.join(path, "classes.json")
         if os.path.isfile(cpath):
             classes = _read_classes(cpath)
-        return cls(
+        pipe = cls(
             model, stored(VQTokenizer.from_pretrained(tok_path, map_location=device)), classes, bf16=weights == "bf16"
         )
+        pipe.sampler = model_sampler(path)
+        return pipe
 
     # ---- classes ---------------------------------------------------------------------------------
     def class_index(self, name_or_id: str | int) -> int:
@@ -99,7 +105,7 @@ class MAGEPipeline:
         """num token grids [num, L], sampled from scratch (100% masked). Batch b uses seed + b."""
         if num < 1 or batch_size < 1:
             raise MageError(f"generation needs num >= 1 and batch_size >= 1 (got {num}, {batch_size})")
-        sampler = sampler or SamplerConfig()
+        sampler = sampler or self.sampler
         out = []
         for b, s in enumerate(range(0, num, batch_size)):
             n = min(batch_size, num - s)
@@ -211,7 +217,7 @@ def inpaint(
         raise MageError(f"mask is {tuple(mask.shape)}, expected {(S, S)} (the image's size)")
     if not mask.any():
         return image.clone()
-    sampler = sampler or SamplerConfig()
+    sampler = sampler or pipe.sampler
     label = None if class_label is None else torch.tensor([pipe.class_index(class_label)])
     gen = _inpaint_tokens(pipe, image, mask.bool(), label, sampler, torch.Generator().manual_seed(seed))
     w = _feathered(mask.bool(), feather)
@@ -264,7 +270,7 @@ def outpaint(
     windows = sorted(
         ((y, x) for y in ys for x in xs), key=lambda p: (p[0] + S / 2 - cy) ** 2 + (p[1] + S / 2 - cx) ** 2
     )
-    sampler = sampler or SamplerConfig()
+    sampler = sampler or pipe.sampler
     label = None if class_label is None else torch.tensor([pipe.class_index(class_label)])
     for i, (y, x) in enumerate(windows):
         unk = ~known[y : y + S, x : x + S]

@@ -160,7 +160,8 @@ def features_key(
 def cached_features(
     model_dir: str, data: str, split: str, pool: str = "mean", data_dir: str | None = None, limit: int | None = None
 ) -> dict[str, Any]:
-    """``embed_dataset`` cached under MODEL_DIR/features/ (so repeated probes are cheap), keyed by
+    """``embed_dataset`` cached under MODEL_DIR/features/ (so repeated probes are cheap; released weights: under
+    the user's cache folder), keyed by
     :func:`features_key`: features of an older checkpoint or another file list are never reused (and are
     removed when the new ones are written)."""
     if is_baseline(model_dir):
@@ -171,7 +172,7 @@ def cached_features(
     tag = "".join(c if c.isalnum() else "_" for c in f"{data}-{split}-{pool}-{limit}")
     key = features_key(model_dir, data, split, pool, data_dir, limit)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = os.path.join(model_dir, "features")
+    folder = _features_folder(model_dir)
     path = os.path.join(folder, f"{tag}-{digest}.npz")
     if os.path.isfile(path):
         z = np.load(path, allow_pickle=False)
@@ -188,6 +189,19 @@ def cached_features(
         if old != path and os.path.isfile(old):
             os.remove(old)
     return r
+
+
+def _features_folder(model_dir: str) -> str:
+    """MODEL_DIR/features, except for released weights, which stay as shipped (their sha256 are checked): those
+    cache under the user's cache folder."""
+    from .evaluate import default_cache_dir
+    from .released import weights_root
+
+    root = os.path.abspath(weights_root())
+    model = os.path.abspath(model_dir)
+    if os.path.commonpath([root, model]) == root:
+        return os.path.join(default_cache_dir(), "features", os.path.relpath(model, root).replace(os.sep, "_"))
+    return os.path.join(model_dir, "features")
 
 
 def save_features(r: dict[str, Any], path: str) -> None:
@@ -446,7 +460,9 @@ class Classifier:
     def __init__(self, path: str):
         from .checkpoint import load_strict, read_safetensors
         from .pipeline import MAGEPipeline
+        from .released import resolve
 
+        path = resolve(path, "classifier")
         meta_path = os.path.join(path, "classifier.json")
         if not os.path.isfile(meta_path):
             raise MageError(

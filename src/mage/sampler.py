@@ -51,6 +51,31 @@ class SamplerConfig:
             raise MageError("temperature must be > 0 and choice temperature >= 0")
 
 
+#: a model folder may hold the sampler its card recommends (``sampler.json``: SamplerConfig fields); commands use
+#: it for every sampler flag not given, instead of the original's ImageNet settings above
+SAMPLER_FILE = "sampler.json"
+
+
+def model_sampler(model_dir: str | None) -> SamplerConfig:
+    """The recommended sampler of a model folder (its ``sampler.json``), else the defaults."""
+    import json
+    import os
+
+    from .released import resolve
+
+    path = os.path.join(resolve(model_dir), SAMPLER_FILE) if model_dir else ""
+    if not path or not os.path.isfile(path):
+        return SamplerConfig()
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+        s = SamplerConfig(**fields)
+    except (ValueError, TypeError) as e:
+        raise MageError(f"cannot read {path}: {e}") from None
+    s.check()
+    return s
+
+
 def _gumbel(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     u = torch.rand(shape, generator=generator, dtype=torch.float64).clamp_(1e-20, 1.0)
     return (-torch.log(-torch.log(u))).to(device)
@@ -66,12 +91,18 @@ def decode_tokens(
     bf16: bool = False,
     trace: list | None = None,
     forward: Callable[..., torch.Tensor] | None = None,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """tokens [B, L] with the mask id at unknown positions -> fully sampled ids [B, L].
 
     ``forward`` replaces ``model.logits`` (same arguments), e.g. a compiled one (``mage bench --compile``).
     ``labels`` [B] (class ids, -1 = unconditional) need a class-conditional model. With ``cfg > 0`` the
-    logits are ``cond + w * (cond - uncond)``. ``trace`` (a list) receives the ids after every step."""
+    logits are ``cond + w * (cond - uncond)``. ``trace`` (a list) receives the ids after every step.
+
+    ``on_step(step, ids, fixed, guess)`` watches the decoding (it gets copies, draws nothing from the
+    generator, so the result is the same with or without it): after step ``step`` (0-based), ``ids`` [B, L]
+    holds the mask id where tokens are still unknown (after the last step: the result), ``fixed`` [B, L] bool
+    marks the tokens decided at this step, ``guess`` [B, L] is this step's sample of every position."""
     cfg.check()
     model.eval()
     mask_id, K = model.vocab.mask_id, model.vocab.codebook_size
@@ -112,4 +143,9 @@ def decode_tokens(
         ids = torch.where(remask, torch.full_like(sampled, mask_id), sampled)
         if trace is not None:
             trace.append(ids.clone())
+        if on_step is not None:
+            # the last step returns every sample: the positions it re-masked are decided too
+            last = s == cfg.steps - 1
+            fixed = unknown if last else unknown & ~remask
+            on_step(s, (sampled if last else ids).clone(), fixed.clone(), sampled.clone())
     return sampled

@@ -255,7 +255,9 @@ class VQTokenizer(nn.Module):
         """Load our checkpoint (a run or step directory) or an original tokenizer file
         (``{'state_dict': ...}`` / bare state dict / a MAGE ``{'model': ...}`` file with ``vqgan.*`` keys)."""
         from .checkpoint import load_checkpoint, load_strict, torch_load_official
+        from .released import resolve
 
+        path = resolve(path, "tokenizer")
         if os.path.isdir(path):
             weights, cfg, where = load_checkpoint(path)
             if not isinstance(cfg, TokenizerConfig):

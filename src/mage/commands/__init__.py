@@ -9,12 +9,13 @@
     bench.py        bench
     evaluate.py     evaluate
     demo.py         demo
+    studio.py       studio (the web page)
     common.py       what several share: number types, --data / --preset / sampler flags
 """
 
 from __future__ import annotations
 
-from . import bench, demo, evaluate, generate, official, pretrain, recognition, tokenizer
+from . import bench, demo, evaluate, generate, official, pretrain, recognition, studio, tokenizer
 from .common import Command
 
 COMMANDS: tuple[Command, ...] = (
@@ -26,4 +27,5 @@ COMMANDS: tuple[Command, ...] = (
     *bench.COMMANDS,
     *evaluate.COMMANDS,
     *demo.COMMANDS,
+    *studio.COMMANDS,
 )

@@ -234,17 +234,19 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=POSITIVE, default=20, help="decoding iterations (default 20, as the original)")
-    p.add_argument("--temperature", type=POSITIVE_F, default=1.0, help="token sampling temperature (default 1)")
+    """Sampler flags. Each one left out takes the model's recommended value (its ``sampler.json``, e.g. the
+    released fashion-mnist model's), else the original's (20 steps, choice temperature 6.0, ...)."""
+    p.add_argument("--steps", type=POSITIVE, default=None, help="decoding iterations (default: the model's, else 20)")
+    p.add_argument("--temperature", type=POSITIVE_F, default=None, help="token sampling temperature (default 1)")
     p.add_argument(
         "--choice-temperature",
         type=NONNEG,
-        default=6.0,
-        help="Gumbel noise on confidences, annealed to 0 (default 6.0)",
+        default=None,
+        help="Gumbel noise on confidences, annealed to 0 (default: the model's, else 6.0)",
     )
-    p.add_argument("--schedule", default="cosine", help="cosine | linear | arccos")
-    p.add_argument("--cfg", type=NONNEG, default=0.0, help="classifier-free guidance scale (0 = off)")
-    p.add_argument("--cfg-schedule", default="constant", help="constant | linear")
+    p.add_argument("--schedule", default=None, help="cosine | linear | arccos")
+    p.add_argument("--cfg", type=NONNEG, default=None, help="classifier-free guidance scale (default 0 = off)")
+    p.add_argument("--cfg-schedule", default=None, help="constant | linear")
     p.add_argument("--seed", type=SEED, default=0, help="0 <= seed < 2**63 (default 0)")
     p.add_argument("--batch-size", type=POSITIVE, default=64)
 
@@ -257,18 +259,16 @@ def add_weights_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def sampler_config(args: argparse.Namespace):
-    """The checked :class:`mage.sampler.SamplerConfig` of :func:`add_sampler_args`' flags."""
-    from ..sampler import SamplerConfig
+def sampler_config(args: argparse.Namespace, model_dir: str | None = None):
+    """The checked :class:`mage.sampler.SamplerConfig` of :func:`add_sampler_args`' flags; flags left out take
+    the value of ``model_dir``'s recommended sampler (:func:`mage.sampler.model_sampler`)."""
+    import dataclasses
 
-    s = SamplerConfig(
-        steps=args.steps,
-        temperature=args.temperature,
-        choice_temperature=args.choice_temperature,
-        schedule=args.schedule,
-        cfg=args.cfg,
-        cfg_schedule=args.cfg_schedule,
-    )
+    from ..sampler import model_sampler
+
+    base = model_sampler(model_dir)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(base) if getattr(args, f.name, None) is not None}
+    s = dataclasses.replace(base, **given)
     s.check()
     return s
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from ..errors import MageError
 from .common import (
@@ -30,7 +31,15 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--images-split", default="train")
     add_data_args(p, required=False)
-    p.add_argument("--num", type=number(int, 2), default=5000, help="fid: generated (or --images) count (default 5000)")
+    p.add_argument(
+        "--num",
+        "--num-samples",
+        dest="num",
+        type=number(int, 2),
+        default=5000,
+        help="fid: generated (or --images) count (default 5000); under torchrun write --num-samples "
+        "(torchrun reads --num as its own --numa-binding)",
+    )
     p.add_argument("--class-conditional", action="store_true", help="fid: sample classes in turn (balanced)")
     p.add_argument("--features", default="inception", help="inception (FID) | judge:DIR (FID-like, labelled so)")
     p.add_argument("--ref-split", default="test", help="fid: reference split of --data (default test)")
@@ -53,7 +62,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         "--through-tokenizer",
         default=None,
         metavar="TOKENIZER",
-        help="train-judge: train and test on this tokenizer's reconstructions (the recognition ceiling of its tokens)",
+        help="train-judge: train and test on this tokenizer's reconstructions (the recognition ceiling of its tokens); "
+        "fid with --images: score the reconstructions (rFID)",
     )
     add_sampler_args(p)
     add_weights_arg(p)
@@ -66,6 +76,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if args.out:
         check_out(args.out, "dir" if args.kind == "train-judge" else "file")
+    if args.kind != "fid" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MageError(f"only 'mage evaluate fid' shares its work over torchrun ranks: run {args.kind} as one process")
     if args.kind == "train-judge":
         if not args.out:
             raise MageError("train-judge needs --out DIR")
@@ -91,11 +103,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.kind == "agreement":
         if not args.model or not args.judge:
             raise MageError("agreement needs --model DIR and --judge DIR")
+        sampler = sampler_config(args, args.model)
         r = ev.class_agreement(
             args.model,
             judge=args.judge,
             per_class=args.per_class,
-            sampler=sampler_config(args),
+            sampler=sampler,
             seed=args.seed,
             batch_size=args.batch_size,
             grid=args.grid,
@@ -103,7 +116,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         )
         line = (
             f"class agreement {r['agreement']:.2f}% over {r['num']} samples ({args.per_class} per class, "
-            f"cfg {args.cfg}, {args.steps} steps) | judge test accuracy {r['judge_test_accuracy']:.2f}%"
+            f"cfg {sampler.cfg}, {sampler.steps} steps, temperature {sampler.temperature}) "
+            f"| judge test accuracy {r['judge_test_accuracy']:.2f}%"
         )
     else:
         r = ev.evaluate_fid(
@@ -111,7 +125,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             data=args.data,
             num=args.num,
             class_conditional=args.class_conditional,
-            sampler=sampler_config(args),
+            sampler=sampler_config(args, args.model),
             seed=args.seed,
             features=args.features,
             ref_split=args.ref_split,
@@ -124,13 +138,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             image_size=args.image_size,
             weights=args.weights,
+            through_tokenizer=args.through_tokenizer,
         )
         line = ev.fid_line(r)
-    if args.out:
-        from ..checkpoint import atomic_write_json
+    from ..distributed import init_distributed, main_first
 
-        atomic_write_json(args.out, r)
-    print(json.dumps(r) if args.json else line)
+    info = init_distributed()
+    # every rank holds the same result; rank 0 alone writes and prints it, the others wait for it
+    with main_first(info):
+        if info.is_main:
+            if args.out:
+                from ..checkpoint import atomic_write_json
+
+                atomic_write_json(args.out, r)
+            print(json.dumps(r) if args.json else line)
     return 0
 
 

@@ -45,7 +45,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from ..pipeline import MAGEPipeline
 
-    sampler = sampler_config(args)
+    sampler = sampler_config(args, args.model)
     pipe = MAGEPipeline.from_pretrained(args.model, weights=args.weights)
     if args.classes == "all":
         images = pipe.generate_per_class(args.num, sampler=sampler, seed=args.seed, batch_size=args.batch_size)
@@ -85,7 +85,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
     from ..pipeline import MAGEPipeline, inpaint
     from ..transforms import load_image, save_image
 
-    sampler = sampler_config(args)
+    sampler = sampler_config(args, args.model)
     pipe = MAGEPipeline.from_pretrained(args.model, weights=args.weights)
     tf, img = _load_for_model(pipe, args.image)
     H, W = img.shape[-2:]
@@ -132,7 +132,7 @@ def run_outpaint(args: argparse.Namespace) -> int:
     from ..pipeline import MAGEPipeline, outpaint
     from ..transforms import save_image
 
-    sampler = sampler_config(args)
+    sampler = sampler_config(args, args.model)
     ext = {"left": 0, "right": 0, "top": 0, "bottom": 0}
     for part in args.extend.split(","):
         k, _, v = part.partition("=")
