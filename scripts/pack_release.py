@@ -5,7 +5,8 @@
 Copies the weights and configs only (safetensors + JSON; no train states), rewrites the classifier's paths to
 point inside the folder, writes the Inception features of the demo's FID reference (500 test images) and of its
 floor (500 train images) in float16, collects every evaluation JSON of RUN/eval into metrics.json, and lists the
-sha256 of every file in SHA256SUMS. The model card (README.md) is kept as it is.
+sha256 of every file in SHA256SUMS, and the recommended sampler as sampler.json. The model card (README.md) is kept
+as it is.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def main() -> int:
     ap.add_argument("--run", default="runs/release-fmnist")
     ap.add_argument("--out", default="weights/fashion-mnist")
     ap.add_argument("--ref-num", type=int, default=500)
+    ap.add_argument(
+        "--sampler",
+        default='{"steps": 8, "choice_temperature": 3.0}',
+        help="the recommended sampler (sampler.json: SamplerConfig fields as JSON)",
+    )
     args = ap.parse_args()
     run, out = args.run, args.out
     os.makedirs(out, exist_ok=True)
@@ -73,6 +79,7 @@ def main() -> int:
         "tokenizer": copy_checkpoint(os.path.join(run, "tokenizer"), os.path.join(out, "tokenizer")),
     }
     shutil.copyfile(os.path.join(run, "mage", "classes.json"), os.path.join(out, "classes.json"))
+    atomic_write_json(os.path.join(out, "sampler.json"), json.loads(args.sampler))
     # the classifier: its fine-tuned encoder + head; the tokenizer is the release's own (one copy)
     sources["classifier"] = copy_checkpoint(
         os.path.join(run, "classifier", "model"), os.path.join(out, "classifier", "model")

@@ -170,6 +170,16 @@ def test_time_limited_resume_continues_the_schedule(tiny_setup, tmp_path):  # no
     assert after[-1]["elapsed_s"] <= 0.08 * 60 + 1.0 and after[-1]["elapsed_s"] >= before[-1]["elapsed_s"]
 
 
+def test_finished_time_limited_run_resumes_as_it_is(tmp_path):
+    """Resuming a run whose time budget is spent changes nothing (no extra step) and returns its last metrics."""
+    out = str(tmp_path / "r")
+    first = fit(Regression(), _settings(total_steps=10_000, max_minutes=0.004), DistInfo(), out, progress=False)
+    steps, log = step_dirs(out), read_log(os.path.join(out, "log.jsonl"))
+    again = fit(Regression(), _settings(total_steps=10_000, max_minutes=0.004), DistInfo(), out, resume=True)
+    assert step_dirs(out) == steps and read_log(os.path.join(out, "log.jsonl")) == log
+    assert again["step"] == first["step"] and again["loss"] == pytest.approx(first["loss"])
+
+
 def test_ema_resume_equals_straight_run(tiny_setup, tmp_path):  # noqa: F811
     from mage.pretrain import pretrain
 

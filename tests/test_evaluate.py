@@ -355,3 +355,20 @@ def _line(r):
     from mage.evaluate import fid_line
 
     return fid_line(r)
+
+
+def test_metrics_selection_and_no_inception_score():
+    from mage.errors import MageError
+    from mage.evaluate import check_metrics, compare
+
+    assert check_metrics("kid") == ("fid", "kid") and check_metrics("fid,kid,pr") == ("fid", "kid", "pr")
+    with pytest.raises(MageError, match="Inception Score needs the Inception's 1008-way logits"):
+        check_metrics("fid,is")
+    with pytest.raises(MageError, match="unknown metric foo"):
+        check_metrics("foo")
+    rng = np.random.default_rng(0)
+    ref_f, gen = rng.standard_normal((50, 4)), rng.standard_normal((40, 4))
+    mu, sigma = gaussian_stats(ref_f)
+    ref = {"mu": mu, "sigma": sigma, "features": ref_f}
+    assert set(compare(ref, gen, metrics=("fid",))) == {"fid"}
+    assert set(compare(ref, gen)) == {"fid", "kid", "kid_std", "precision", "recall"}

@@ -84,3 +84,11 @@ def test_classifier_by_name_on_real_test_images(tmp_path, capsys):
     save_image(x[:1], str(tmp_path / "one.png"))
     assert main(["classify", "--classifier", "fashion-mnist", str(tmp_path / "one.png"), "--top", "2"]) == 0
     assert test.classes[int(test.labels()[0])] in capsys.readouterr().out
+
+
+def test_probe_features_of_a_release_are_cached_outside_it(tmp_path, monkeypatch):
+    from mage.recognition import _features_folder
+
+    monkeypatch.setenv("MAGE_CACHE_DIR", str(tmp_path))
+    assert _features_folder(ROOT).startswith(str(tmp_path))  # the release stays as shipped (its sha256 hold)
+    assert _features_folder("runs/mage") == os.path.join("runs/mage", "features")

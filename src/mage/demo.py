@@ -122,7 +122,7 @@ def _budget_plan(budget: float) -> dict[str, Any]:
         # features cover it), 2,000 at 60 min
         "fid_num": max(500, int(2000 * scale / 500) * 500),
         "agreement_per_class": max(20, int(50 * scale)),
-        "steps": 8,
+        "steps": None,  # sampling steps (None: the release's recommended sampler)
         "min_mage_minutes": 0.5,
         # the stages aim to end this many seconds before the budget: a fresh clone's set-up (venv + pip, ~80 s)
         # counts against `make demo`'s 15 minutes, and CPU speed varies from run to run
@@ -169,7 +169,7 @@ def run_demo(
     from .pretrain import pretrain
     from .recognition import Classifier
     from .released import resolve
-    from .sampler import SamplerConfig
+    from .sampler import model_sampler
     from .tokens import cache_tokens
     from .train_tokenizer import reconstruction_metrics
     from .train_tokenizer import train_tokenizer as train_tok
@@ -194,10 +194,13 @@ def run_demo(
     tcfg, ttrain = tokenizer_preset("fmnist-32"), tokenizer_training_preset("fmnist-32")
     ttrain = dataclasses.replace(ttrain, max_minutes=plan["tokenizer_minutes"])
     mcfg, mtrain = mage_preset("fmnist-32"), pretrain_preset("fmnist-32")
-    # class-conditional samples for agreement and the per-class grid: strong guidance and a cooler token
-    # temperature (the setting the released model's card measures agreement with); FID without guidance
-    gen_sampler = SamplerConfig(steps=plan["steps"], choice_temperature=3.0, cfg=4.0, temperature=0.7)
-    fid_sampler = SamplerConfig(steps=plan["steps"], choice_temperature=3.0)
+    # FID: the release's recommended sampler (its sampler.json: the steps and guidance of its lowest FID), for
+    # both models; agreement and the per-class grid: strong guidance and a cooler token temperature (the setting
+    # the release's card measures agreement with)
+    fid_sampler = model_sampler(root)
+    if plan["steps"]:
+        fid_sampler = dataclasses.replace(fid_sampler, steps=plan["steps"])
+    gen_sampler = dataclasses.replace(fid_sampler, cfg=4.0, temperature=0.7)
     t0 = time.time()
 
     def seconds_left() -> float:
@@ -229,7 +232,7 @@ def run_demo(
             floor_ref = _reference(rel["reference"], "train", num)
             if ref and floor_ref:
                 test, train = ev.load_stats_file(ref), ev.load_stats_file(floor_ref)
-                res["floor"] = ev.compare(test, train["features"])["fid"]
+                res["floor"] = ev.compare(test, train["features"], metrics=("fid",))["fid"]
             else:
                 res["floor"] = ev.evaluate_fid(None, data, num, images=data, images_split="train", data_dir=data_dir)[
                     "fid"
@@ -462,7 +465,7 @@ def write_report(out: str, state: dict[str, Any], configs: dict[str, Any], secon
             get("agreement", "agreement"),
             "-",
             f"{state.get('agreement', state.get('release-agreement', {})).get('num', 0)} class-conditional samples "
-            f"(cfg 4, temperature 0.7) judged by the released pixel CNN ({judge_acc:.2f}% test accuracy)",
+            f"(cfg 4, token temperature 0.7) judged by the released pixel CNN ({judge_acc:.2f}% test accuracy)",
         ),
         (
             f"FID (N = {state.get('release-fid', {}).get('num', 0)})",

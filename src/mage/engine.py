@@ -250,6 +250,10 @@ class RunLock:
             RunLock._held.discard(self.path)
 
 
+# the fields every log row has besides the task's own metrics
+_LOG_FIELDS = ("step", "lr", "grad_norm", "elapsed_s", "images_per_s", "skipped")
+
+
 def read_log(path: str) -> list[dict[str, Any]]:
     """The rows of a JSONL log; a torn or garbled line (a kill mid-write) is skipped."""
     rows = []
@@ -423,8 +427,13 @@ def _fit(
     def seed(micro: int) -> None:  # dropout, drop-path, label dropout of this micro-batch
         torch.manual_seed(seeding.mix(s.seed, seeding.STEP, step, info.rank, micro))
 
+    # a time-limited run resumed after its budget is finished: it returns as it is, not one step further
+    finished = s.max_minutes > 0 and elapsed0 / 60 >= s.max_minutes and start > 0
+    if finished and out is not None:
+        rows = [r for r in read_log(os.path.join(out, "log.jsonl")) if r.get("step") == start]
+        last = {k: v for k, v in (rows[-1] if rows else {}).items() if k not in _LOG_FIELDS}
     try:
-        for step, batch in task.batches(start, s.total_steps):
+        for step, batch in [] if finished else task.batches(start, s.total_steps):
             elapsed = clock()
             lr = sched(step, elapsed)
             task.set_lr(lr)

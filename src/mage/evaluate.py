@@ -324,14 +324,38 @@ def precision_recall(
     return inside(ft, rt, radii(rt)), inside(rt, ft, radii(ft))
 
 
-def compare(ref: dict[str, Any], feats: np.ndarray, device: torch.device | str = "cpu") -> dict[str, float]:
-    """All scores of generated features against a reference (features or only mu/sigma); ``device``: where
-    precision/recall computes its distances."""
-    mu, sigma = gaussian_stats(feats)
-    out = {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
+METRICS = ("fid", "kid", "pr")
+
+
+def check_metrics(metrics: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"kid,pr"`` -> ("fid", "kid", "pr"): FID always, plus what is named; an unknown name (or IS, which the
+    shipped network cannot give) is one line."""
+    names = tuple(m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics))
+    if "is" in names:
+        raise MageError(
+            "the Inception Score needs the Inception's 1008-way logits; the offline FID Inception ends at pool3 "
+            "(no logits), so only fid, kid and pr are available"
+        )
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise MageError(f"unknown metric {', '.join(bad) or '(none)'} (choose from {', '.join(METRICS)})")
+    return ("fid", *[m for m in names if m != "fid"])  # FID always: it costs nothing next to the features
+
+
+def compare(
+    ref: dict[str, Any], feats: np.ndarray, device: torch.device | str = "cpu", metrics: tuple[str, ...] = METRICS
+) -> dict[str, float]:
+    """The scores in ``metrics`` of generated features against a reference (features or only mu/sigma; KID and
+    precision/recall need the reference's features); ``device``: where precision/recall computes its distances."""
+    out = {}
+    if "fid" in metrics:
+        mu, sigma = gaussian_stats(feats)
+        out["fid"] = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
     if ref.get("features") is not None:
-        out["kid"], out["kid_std"] = kernel_inception_distance(ref["features"], feats)
-        out["precision"], out["recall"] = precision_recall(ref["features"], feats, device=device)
+        if "kid" in metrics:
+            out["kid"], out["kid_std"] = kernel_inception_distance(ref["features"], feats)
+        if "pr" in metrics:
+            out["precision"], out["recall"] = precision_recall(ref["features"], feats, device=device)
     return out
 
 
@@ -535,11 +559,13 @@ def evaluate_fid(
     image_size: int | None = None,
     weights: str = "fp32",
     through_tokenizer: str | None = None,
+    metrics: str | tuple[str, ...] = METRICS,
 ) -> dict[str, Any]:
     """FID (+ KID, precision/recall) of a model's samples, or of real ``images`` (the floor), against a reference.
     ``weights``: how the model samples (:meth:`MAGEPipeline.from_pretrained`). ``through_tokenizer`` (with
     ``images``): score the tokenizer's reconstructions (encode -> decode) of the images: the reconstruction FID
-    (rFID), the floor of any generator on those tokens.
+    (rFID), the floor of any generator on those tokens. ``metrics``: which of fid, kid, pr to compute (KID and
+    precision/recall cost minutes at N = 50,000 on a CPU).
 
     Reference: ``ref_stats`` (.npz mu/sigma), else ``ref_dir`` (folder of images), else ``data``'s ``ref_split``
     (``ref_num`` images, default ``num``; cached). Real sets are read at ``image_size`` (default: the model's
@@ -553,6 +579,7 @@ def evaluate_fid(
 
     if (model is None) == (images is None):
         raise MageError("give exactly one of --model (generated images) or --images (a real image set)")
+    metrics = check_metrics(metrics)
     if through_tokenizer and images is None:
         raise MageError("--through-tokenizer goes with --images (reconstructions of real images)")
     if num < 2:
@@ -636,7 +663,7 @@ def evaluate_fid(
         if through_tokenizer:
             source["through_tokenizer"] = os.path.abspath(through_tokenizer)
         seeds = "none: real images (a fixed seeded subset)"
-    scores = compare(ref, feats, device)
+    scores = compare(ref, feats, device, metrics)
     inception = isinstance(net, InceptionFeatures)
     protocol = {
         "network": f"{net.name}, sha256 {INCEPTION_SHA256[:12]}" if inception else net.name,
@@ -774,6 +801,7 @@ def train_judge(
     seed: int = 0,
     progress: bool = True,
     through_tokenizer: str | None = None,
+    metrics: str | tuple[str, ...] = METRICS,
 ) -> dict[str, Any]:
     """Train the judge CNN on a labelled dataset's train split; report and save its test accuracy.
 

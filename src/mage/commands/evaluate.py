@@ -41,6 +41,11 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         "(torchrun reads --num as its own --numa-binding)",
     )
     p.add_argument("--class-conditional", action="store_true", help="fid: sample classes in turn (balanced)")
+    p.add_argument(
+        "--metrics",
+        default="fid,kid,pr",
+        help="fid: what to compute besides FID: kid, pr (precision/recall); e.g. --metrics fid to skip both",
+    )
     p.add_argument("--features", default="inception", help="inception (FID) | judge:DIR (FID-like, labelled so)")
     p.add_argument("--ref-split", default="test", help="fid: reference split of --data (default test)")
     p.add_argument("--ref-num", type=number(int, 2), default=None, help="fid: reference images (default --num)")
@@ -91,6 +96,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             seed=args.seed,
             through_tokenizer=args.through_tokenizer,
+            metrics=args.metrics,
         )
         what = f"{args.data} through {args.through_tokenizer}" if args.through_tokenizer else args.data
         print(
@@ -139,6 +145,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             weights=args.weights,
             through_tokenizer=args.through_tokenizer,
+            metrics=args.metrics,
         )
         line = ev.fid_line(r)
     from ..distributed import init_distributed, main_first
