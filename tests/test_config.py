@@ -104,7 +104,7 @@ def test_overrides_go_to_the_architecture_or_the_recipe():
         (["bench", "--gen-steps", "x"], "--gen-steps: expected comma-separated"),
         (["bench", "--batch-size", "0"], "--batch-size: must be >= 1"),
         (["demo", "--budget", "0"], "--budget: must be > 0"),
-        (["evaluate", "fid", "--model", "m", "--data", "synthetic", "--num", "1"], "--num: must be >= 2"),
+        (["evaluate", "fid", "--model", "m", "--data", "synthetic", "--num", "1"], "--num/--num-samples: must be >= 2"),
     ],
 )
 def test_cli_refuses_bad_numbers(argv, needle, capsys):

@@ -53,9 +53,9 @@ from mage.cli import main
 compare = ev.compare
 
 
-def keep_features(ref, feats, device="cpu"):
+def keep_features(ref, feats, *args, **kwargs):
     np.save(log + ".features.npy", feats)
-    return compare(ref, feats, device)
+    return compare(ref, feats, *args, **kwargs)
 
 
 ev.compare = keep_features
