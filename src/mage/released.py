@@ -7,11 +7,12 @@ One folder per release, laid out as a MAGE run so every loader takes it as it is
       tokenizer/                                   its VQGAN
       classifier/                                  the fine-tuned encoder + head (`mage classify`)
       judge/                                       a pixel CNN for class agreement
-      reference/                                   Inception statistics of the test split (FID)
+      reference/                                   Inception features of 500 test / 500 train images (demo FID)
+      sampler.json                                 the sampler the card recommends (the default of sampler flags)
       README.md                                    the model card: commands, metrics, sha256 of every file
 
-``resolve(name, part)`` turns a release name into the folder of that part; any other string is returned as it is,
-so a path always wins over a name only when no folder of that name exists in the working directory.
+``resolve(name, part)`` turns a release name into the folder of that part; any other string is returned as it is.
+A file or folder of that name in the working directory is taken as a path, not as the release.
 """
 
 from __future__ import annotations
