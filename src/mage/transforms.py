@@ -445,6 +445,19 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
 
+def decode_opened(image: Image.Image) -> torch.Tensor:
+    """An opened image (header read, size already checked) -> ``[3, H, W]`` in ``[0, 1]``: the first frame of an
+    animation, turned by its EXIF orientation, converted by :func:`to_rgb_tensor`."""
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    image.load()
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block should not make a good image unreadable
+        pass
+    return to_rgb_tensor(image)
+
+
 def to_rgb_tensor(image: Image.Image) -> torch.Tensor:
     """PIL image of any common mode -> float tensor ``[3, H, W]`` in ``[0, 1]``.
 
@@ -554,14 +567,7 @@ def load_image(path: PathLike) -> torch.Tensor:
             w, h = image.size
             if limit and w * h > limit:
                 raise _too_large(path, w * h, limit, (w, h))
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)  # animated: the first frame
-            image.load()
-            try:
-                image = ImageOps.exif_transpose(image)
-            except Exception:  # a broken EXIF block should not make a good image unreadable
-                pass
-            return to_rgb_tensor(image)
+            return decode_opened(image)
     except Image.DecompressionBombError as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         raise _too_large(path, int(found.group(1)) if found else None, limit) from None

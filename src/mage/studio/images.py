@@ -11,9 +11,9 @@ import base64
 import io
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from ..transforms import build_transform, tensor_to_pil, to_rgb_tensor
+from ..transforms import build_transform, decode_opened, tensor_to_pil, to_rgb_tensor
 
 
 class UploadError(Exception):
@@ -41,14 +41,7 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int, what: str = "upl
                 raise UploadError(413, f"the {what} is {w}x{h} = {w * h:,} pixels: the limit is {max_pixels:,} pixels")
             if w < 1 or h < 1:
                 raise UploadError(400, f"the {what} has no pixels ({w}x{h})")
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)  # animated: the first frame
-            image.load()
-            try:
-                image = ImageOps.exif_transpose(image)
-            except Exception:  # a broken EXIF block should not make a good image unreadable
-                pass
-            return to_rgb_tensor(image)
+            return decode_opened(image)
     except UploadError:
         raise
     except Image.DecompressionBombError:
